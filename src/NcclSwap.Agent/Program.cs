@@ -1,0 +1,17 @@
+using System.CommandLine;
+using NcclSwap.Agent.Doctor;
+
+namespace NcclSwap.Agent;
+
+public static class Program
+{
+    public static int Main(string[] args) => BuildCommandLine(Console.Out).Parse(args).Invoke();
+
+    internal static RootCommand BuildCommandLine(TextWriter output)
+    {
+        var root = new RootCommand("nccl-swap: moves new LLM weight versions from trainers to inference GPUs and switches engines over atomically.");
+        root.Subcommands.Add(DoctorCommand.Create(output));
+        root.Subcommands.Add(DoctorCommand.CreateIpcPeer(output));
+        return root;
+    }
+}

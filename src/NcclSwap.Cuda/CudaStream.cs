@@ -1,0 +1,113 @@
+namespace NcclSwap.Cuda;
+
+/// <summary>A CUDA stream: copies, memsets, kernels and event operations run on it in order.</summary>
+public sealed class CudaStream : GpuOwner
+{
+    private CudaStream(CudaContext context, nint handle, bool owns) : base(owns)
+    {
+        Context = context;
+        Handle = handle;
+    }
+
+    public CudaContext Context { get; }
+
+    /// <summary>The <c>CUstream</c> (the same object as a <c>cudaStream_t</c>).</summary>
+    public nint Handle { get; }
+
+    /// <summary>A new stream that does not synchronise with the legacy default stream.</summary>
+    public static unsafe CudaStream Create(CudaContext context)
+    {
+        context.MakeCurrent();
+        nint handle;
+        Interop.Cuda.StreamCreate(&handle, Interop.Cuda.StreamNonBlocking).ThrowIfFailed();
+        return new CudaStream(context, handle, owns: true);
+    }
+
+    /// <summary>A non-owning wrapper of a stream made elsewhere (e.g. <c>torch.cuda.Stream.cuda_stream</c>).</summary>
+    public static CudaStream Borrow(CudaContext context, nint handle) => new(context, handle, owns: false);
+
+    /// <summary>Host to device from pinned memory.</summary>
+    public unsafe void CopyAsync(DeviceBuffer destination, long destinationOffset, PinnedBuffer source, long sourceOffset, long length)
+    {
+        ulong to = destination.At(destinationOffset, length);
+        source.ThrowIfDisposed();
+        ThrowHelper.CheckRange(sourceOffset, length, source.Length, source.ToString());
+        Bind();
+        Interop.Cuda.MemcpyHtoDAsync(to, (byte*)source.Pointer + sourceOffset, (nuint)length, Handle).ThrowIfFailed();
+    }
+
+    /// <summary>Device to host into pinned memory.</summary>
+    public unsafe void CopyAsync(PinnedBuffer destination, long destinationOffset, DeviceBuffer source, long sourceOffset, long length)
+    {
+        ulong from = source.At(sourceOffset, length);
+        destination.ThrowIfDisposed();
+        ThrowHelper.CheckRange(destinationOffset, length, destination.Length, destination.ToString());
+        Bind();
+        Interop.Cuda.MemcpyDtoHAsync((byte*)destination.Pointer + destinationOffset, from, (nuint)length, Handle).ThrowIfFailed();
+    }
+
+    /// <summary>Device to device.</summary>
+    public void CopyAsync(DeviceBuffer destination, long destinationOffset, DeviceBuffer source, long sourceOffset, long length)
+    {
+        ulong to = destination.At(destinationOffset, length);
+        ulong from = source.At(sourceOffset, length);
+        Bind();
+        Interop.Cuda.MemcpyDtoDAsync(to, from, (nuint)length, Handle).ThrowIfFailed();
+    }
+
+    public void FillAsync(DeviceBuffer destination, long offset, long length, byte value)
+    {
+        ulong to = destination.At(offset, length);
+        Bind();
+        Interop.Cuda.MemsetD8Async(to, value, (nuint)length, Handle).ThrowIfFailed();
+    }
+
+    /// <summary>Captures the stream's work so far in <paramref name="event"/>.</summary>
+    public void Record(CudaEvent @event)
+    {
+        Bind();
+        Interop.Cuda.EventRecord(@event.Handle, Handle).ThrowIfFailed();
+    }
+
+    /// <summary>Makes later work on this stream wait on the device for <paramref name="event"/>; the host does not block.</summary>
+    public void Wait(CudaEvent @event)
+    {
+        Bind();
+        Interop.Cuda.StreamWaitEvent(Handle, @event.Handle, 0).ThrowIfFailed();
+    }
+
+    /// <summary>Blocks the calling thread until the stream's work is done.</summary>
+    public void Synchronize()
+    {
+        Bind();
+        Interop.Cuda.StreamSynchronize(Handle).ThrowIfFailed();
+    }
+
+    /// <summary>True when all work submitted to the stream has completed.</summary>
+    public bool IsIdle
+    {
+        get
+        {
+            Bind();
+            CuResult result = Interop.Cuda.StreamQuery(Handle);
+            if (result == CuResult.NotReady)
+                return false;
+            result.ThrowIfFailed();
+            return true;
+        }
+    }
+
+    private void Bind()
+    {
+        ThrowIfDisposed();
+        Context.MakeCurrent();
+    }
+
+    private protected override void Release()
+    {
+        Context.MakeCurrent();
+        Interop.Cuda.StreamDestroy(Handle).ThrowIfFailed();
+    }
+
+    public override string ToString() => $"stream 0x{Handle:x} on {Context.Device}";
+}

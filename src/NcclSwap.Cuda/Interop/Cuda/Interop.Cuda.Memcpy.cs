@@ -1,0 +1,29 @@
+using System.Runtime.InteropServices;
+
+namespace NcclSwap.Cuda;
+
+internal static partial class Interop
+{
+    internal static partial class Cuda
+    {
+        // All _v2: 64-bit device pointers and size_t counts. The synchronous copies block the calling
+        // thread; the async ones need pinned host memory to be truly asynchronous.
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemcpyHtoD_v2")]
+        internal static unsafe partial CuResult MemcpyHtoD(ulong destination, void* source, nuint bytes);
+
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemcpyDtoH_v2")]
+        internal static unsafe partial CuResult MemcpyDtoH(void* destination, ulong source, nuint bytes);
+
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemcpyDtoD_v2")]
+        internal static partial CuResult MemcpyDtoD(ulong destination, ulong source, nuint bytes);
+
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemcpyHtoDAsync_v2")]
+        internal static unsafe partial CuResult MemcpyHtoDAsync(ulong destination, void* source, nuint bytes, nint stream);
+
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemcpyDtoHAsync_v2")]
+        internal static unsafe partial CuResult MemcpyDtoHAsync(void* destination, ulong source, nuint bytes, nint stream);
+
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemcpyDtoDAsync_v2")]
+        internal static partial CuResult MemcpyDtoDAsync(ulong destination, ulong source, nuint bytes, nint stream);
+    }
+}

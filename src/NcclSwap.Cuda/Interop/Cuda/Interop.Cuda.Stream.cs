@@ -1,0 +1,28 @@
+using System.Runtime.InteropServices;
+
+namespace NcclSwap.Cuda;
+
+internal static partial class Interop
+{
+    internal static partial class Cuda
+    {
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuStreamCreate")]
+        internal static unsafe partial CuResult StreamCreate(nint* stream, uint flags);
+
+        // _v2 since CUDA 4.0; the unsuffixed export is kept for old binaries.
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuStreamDestroy_v2")]
+        internal static partial CuResult StreamDestroy(nint stream);
+
+        // Blocks the calling thread: never [SuppressGCTransition].
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuStreamSynchronize")]
+        internal static partial CuResult StreamSynchronize(nint stream);
+
+        // Success when idle, NotReady while work is pending.
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuStreamQuery")]
+        internal static partial CuResult StreamQuery(nint stream);
+
+        // Flags must be 0. The wait is on the device: the host returns at once.
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuStreamWaitEvent")]
+        internal static partial CuResult StreamWaitEvent(nint stream, nint @event, uint flags);
+    }
+}

@@ -1,0 +1,261 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+
+namespace NcclSwap.Cuda;
+
+/// <summary>The NCCL library: probed once.</summary>
+public static class NcclLibrary
+{
+    private static readonly Lazy<string?> s_failure = new(() =>
+        NativeLibraries.Nccl.IsLoaded ? null : "NCCL is not available: " + NativeLibraries.Nccl.Failure);
+
+    public static bool IsSupported => s_failure.Value is null;
+
+    public static string? UnsupportedReason => s_failure.Value;
+
+    public static void EnsureSupported()
+    {
+        if (s_failure.Value is { } reason)
+            throw new GpuUnavailableException(reason);
+    }
+
+    /// <summary>NCCL's version code, e.g. 22803.</summary>
+    public static unsafe int VersionCode
+    {
+        get
+        {
+            EnsureSupported();
+            int version;
+            Interop.Nccl.GetVersion(&version).ThrowIfFailed();
+            return version;
+        }
+    }
+
+    /// <summary>The version as major.minor.patch.</summary>
+    public static string Version
+    {
+        get
+        {
+            int code = VersionCode;
+            return code >= 10000 ? $"{code / 10000}.{code / 100 % 100}.{code % 100}" : $"{code / 1000}.{code / 100 % 10}.{code % 100}";
+        }
+    }
+
+    /// <summary>A new unique id; the root rank makes it and every rank passes it to <see cref="NcclCommunicator.InitRank"/>.</summary>
+    public static unsafe NcclUniqueId CreateUniqueId()
+    {
+        EnsureSupported();
+        NcclUniqueId id;
+        Interop.Nccl.GetUniqueId(&id).ThrowIfFailed();
+        return id;
+    }
+}
+
+/// <summary>
+/// One rank's NCCL communicator. Collectives enqueue on a stream and return. A non-blocking communicator
+/// (<c>blocking: false</c>) never blocks the host inside NCCL; its state is polled with
+/// <see cref="GetAsyncError"/>, and every wait for it has a deadline.
+/// </summary>
+public sealed class NcclCommunicator : GpuOwner
+{
+    private readonly nint _comm;
+
+    private NcclCommunicator(CudaContext context, nint comm, bool blocking) : base(ownsHandle: true)
+    {
+        Context = context;
+        _comm = comm;
+        IsBlocking = blocking;
+    }
+
+    public CudaContext Context { get; }
+
+    public bool IsBlocking { get; }
+
+    /// <summary>
+    /// Joins communicator <paramref name="id"/> as <paramref name="rank"/> of <paramref name="ranks"/>, on
+    /// <paramref name="context"/>'s device. Blocking init waits for every rank; non-blocking init returns
+    /// once the communicator is ready or <paramref name="timeout"/> passed (then it is aborted).
+    /// </summary>
+    public static unsafe NcclCommunicator InitRank(CudaContext context, int ranks, NcclUniqueId id, int rank,
+        bool blocking = true, TimeSpan? timeout = null)
+    {
+        NcclLibrary.EnsureSupported();
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(ranks);
+        if ((uint)rank >= (uint)ranks)
+            throw new ArgumentOutOfRangeException(nameof(rank), $"rank {rank} is not in [0, {ranks}).");
+        context.MakeCurrent();
+        nint comm;
+        Interop.Nccl.Config config = Interop.Nccl.Config.Create(blocking);
+        Interop.Nccl.CommInitRankConfig(&comm, ranks, id, rank, &config).ThrowIfFailed(allowInProgress: !blocking);
+        var communicator = new NcclCommunicator(context, comm, blocking);
+        if (!blocking)
+            communicator.WaitReady(timeout ?? TimeSpan.FromMinutes(2), $"init of rank {rank} of {ranks}");
+        return communicator;
+    }
+
+    public unsafe int Rank
+    {
+        get
+        {
+            ThrowIfDisposed();
+            int rank;
+            Interop.Nccl.CommUserRank(_comm, &rank).ThrowIfFailed(_comm);
+            return rank;
+        }
+    }
+
+    public unsafe int Count
+    {
+        get
+        {
+            ThrowIfDisposed();
+            int count;
+            Interop.Nccl.CommCount(_comm, &count).ThrowIfFailed(_comm);
+            return count;
+        }
+    }
+
+    /// <summary>The CUDA device ordinal this rank runs on.</summary>
+    public unsafe int Device
+    {
+        get
+        {
+            ThrowIfDisposed();
+            int device;
+            Interop.Nccl.CommCuDevice(_comm, &device).ThrowIfFailed(_comm);
+            return device;
+        }
+    }
+
+    /// <summary>The communicator's asynchronous state: Success, InProgress, or the error that broke it.</summary>
+    public unsafe NcclResult GetAsyncError()
+    {
+        ThrowIfDisposed();
+        NcclResult state;
+        Interop.Nccl.CommGetAsyncError(_comm, &state).ThrowIfFailed(_comm);
+        return state;
+    }
+
+    /// <summary>Polls until the communicator leaves InProgress; aborts it and throws on error or at the deadline.</summary>
+    public void WaitReady(TimeSpan timeout, string what)
+    {
+        var clock = Stopwatch.StartNew();
+        while (true)
+        {
+            NcclResult state = GetAsyncError();
+            if (state == NcclResult.Success)
+                return;
+            if (state != NcclResult.InProgress)
+            {
+                string? last = Marshal.PtrToStringUTF8(Interop.Nccl.GetLastError(_comm));
+                Abort();
+                throw new NcclException(state, $"{what} failed", last, "ncclCommGetAsyncError");
+            }
+            if (clock.Elapsed > timeout)
+            {
+                Abort();
+                throw new TimeoutException($"NCCL {what} did not finish within {timeout.TotalSeconds:0.#} s; the communicator was aborted.");
+            }
+            Thread.Sleep(1);
+        }
+    }
+
+    /// <summary>
+    /// Copies <paramref name="bytes"/> from the root's <paramref name="send"/> to every rank's <paramref name="receive"/>
+    /// (the same address on the root means in place).
+    /// </summary>
+    public void Broadcast(ulong send, ulong receive, long bytes, int root, CudaStream stream)
+    {
+        Bind();
+        Interop.Nccl.Broadcast(send, receive, checked((nuint)bytes), NcclDataType.Uint8, root, _comm, stream.Handle)
+            .ThrowIfFailed(_comm, allowInProgress: !IsBlocking);
+    }
+
+    /// <summary>Gathers <paramref name="bytesPerRank"/> from every rank; rank r's bytes land at r * bytesPerRank of <paramref name="receive"/>.</summary>
+    public void AllGather(ulong send, ulong receive, long bytesPerRank, CudaStream stream)
+    {
+        Bind();
+        Interop.Nccl.AllGather(send, receive, checked((nuint)bytesPerRank), NcclDataType.Uint8, _comm, stream.Handle)
+            .ThrowIfFailed(_comm, allowInProgress: !IsBlocking);
+    }
+
+    public void Send(ulong send, long bytes, int peer, CudaStream stream)
+    {
+        Bind();
+        Interop.Nccl.Send(send, checked((nuint)bytes), NcclDataType.Uint8, peer, _comm, stream.Handle)
+            .ThrowIfFailed(_comm, allowInProgress: !IsBlocking);
+    }
+
+    public void Receive(ulong receive, long bytes, int peer, CudaStream stream)
+    {
+        Bind();
+        Interop.Nccl.Recv(receive, checked((nuint)bytes), NcclDataType.Uint8, peer, _comm, stream.Handle)
+            .ThrowIfFailed(_comm, allowInProgress: !IsBlocking);
+    }
+
+    /// <summary>Starts a group: collectives issued until the returned scope ends run together (e.g. paired sends and receives).</summary>
+    public static NcclGroup Group()
+    {
+        NcclLibrary.EnsureSupported();
+        Interop.Nccl.GroupStart().ThrowIfFailed();
+        return new NcclGroup();
+    }
+
+    /// <summary>
+    /// Splits the communicator: ranks that pass the same <paramref name="color"/> form a new one, ordered by
+    /// <paramref name="key"/>. A negative color leaves this rank out and returns null. The new communicator
+    /// inherits this one's configuration.
+    /// </summary>
+    public unsafe NcclCommunicator? Split(int color, int key, TimeSpan? timeout = null)
+    {
+        Bind();
+        nint child;
+        Interop.Nccl.CommSplit(_comm, color < 0 ? -1 : color, key, &child, null).ThrowIfFailed(_comm, allowInProgress: !IsBlocking);
+        if (child == 0)
+            return null;
+        var split = new NcclCommunicator(Context, child, IsBlocking);
+        if (!IsBlocking)
+            split.WaitReady(timeout ?? TimeSpan.FromMinutes(2), $"split (color {color}, key {key})");
+        return split;
+    }
+
+    /// <summary>Aborts in-flight operations and frees the communicator; used on errors and timeouts. Idempotent with Dispose.</summary>
+    public void Abort()
+    {
+        if (TryMarkReleased())
+        {
+            Context.MakeCurrent();
+            Interop.Nccl.CommAbort(_comm).ThrowIfFailed();
+        }
+    }
+
+    private void Bind()
+    {
+        ThrowIfDisposed();
+        Context.MakeCurrent();
+    }
+
+    private protected override void Release()
+    {
+        Context.MakeCurrent();
+        NcclResult destroyed = Interop.Nccl.CommDestroy(_comm);
+        if (destroyed != NcclResult.Success && destroyed != NcclResult.InProgress)
+            Interop.Nccl.CommAbort(_comm).ThrowIfFailed();
+    }
+
+    public override string ToString() => $"NCCL communicator 0x{_comm:x} on {Context.Device}";
+}
+
+/// <summary>The scope of an NCCL group (<c>ncclGroupStart</c> … <c>ncclGroupEnd</c>).</summary>
+public struct NcclGroup : IDisposable
+{
+    private bool _ended;
+
+    public void Dispose()
+    {
+        if (_ended)
+            return;
+        _ended = true;
+        Interop.Nccl.GroupEnd().ThrowIfFailed(allowInProgress: true);
+    }
+}

@@ -1,0 +1,107 @@
+using NcclSwap.Cuda;
+
+namespace NcclSwap.DataPlane;
+
+/// <summary>
+/// Where weights live and how they move: device memory, pinned staging, copy streams, events and
+/// collectives. <see cref="CudaBackend"/> does this on a GPU with NCCL; <see cref="HostBackend"/> in CPU
+/// memory with a loopback TCP collective, so that every layer above runs on machines without a GPU.
+/// </summary>
+public interface IBackend : IDisposable
+{
+    /// <summary>"cuda" or "host".</summary>
+    string Kind { get; }
+
+    /// <summary>One line for logs and <c>doctor</c>, e.g. "cuda: GPU 0, NVIDIA H100 80GB HBM3".</summary>
+    string Description { get; }
+
+    IDeviceBuffer Allocate(long length);
+
+    /// <summary>Pinned host buffers for staging, reused across updates.</summary>
+    PinnedBufferPool PinnedPool { get; }
+
+    ICopyStream CreateStream();
+
+    IDeviceEvent CreateEvent();
+
+    /// <summary>Copies host bytes into a device buffer and waits for the copy.</summary>
+    void Upload(ReadOnlySpan<byte> source, IDeviceBuffer destination, long offset = 0);
+
+    /// <summary>Copies device bytes to the host and waits for the copy.</summary>
+    void Download(IDeviceBuffer source, long offset, Span<byte> destination);
+
+    /// <summary>Made by the root of a new collective and handed to every rank out of band.</summary>
+    string CreateCollectiveId();
+
+    /// <summary>Joins the collective <paramref name="id"/> as <paramref name="rank"/> of <paramref name="size"/>; every wait inside has <paramref name="timeout"/>.</summary>
+    ICollective JoinCollective(string id, int rank, int size, TimeSpan timeout);
+}
+
+/// <summary>A range of device memory (or its host stand-in).</summary>
+public interface IDeviceBuffer : IDisposable
+{
+    long Length { get; }
+}
+
+/// <summary>An ordered queue of copies and event operations.</summary>
+public interface ICopyStream : IDisposable
+{
+    /// <summary>Host (pinned) to device.</summary>
+    void CopyAsync(IDeviceBuffer destination, long destinationOffset, PinnedBuffer source, long sourceOffset, long length);
+
+    /// <summary>Device to host (pinned).</summary>
+    void CopyAsync(PinnedBuffer destination, long destinationOffset, IDeviceBuffer source, long sourceOffset, long length);
+
+    /// <summary>Device to device.</summary>
+    void CopyAsync(IDeviceBuffer destination, long destinationOffset, IDeviceBuffer source, long sourceOffset, long length);
+
+    void FillAsync(IDeviceBuffer destination, long offset, long length, byte value);
+
+    void Record(IDeviceEvent @event);
+
+    /// <summary>Later work on this stream waits for <paramref name="event"/>; the host does not block.</summary>
+    void Wait(IDeviceEvent @event);
+
+    void Synchronize();
+}
+
+public interface IDeviceEvent : IDisposable
+{
+    bool IsComplete { get; }
+
+    void Synchronize();
+}
+
+/// <summary>
+/// One rank of a group of processes that exchange device buffers. Operations between the same two ranks
+/// match in the order they are issued, as in NCCL; operations issued inside <see cref="Group"/> run together.
+/// Failures and missed deadlines throw <see cref="CollectiveException"/> naming the peer at fault.
+/// </summary>
+public interface ICollective : IDisposable
+{
+    int Rank { get; }
+
+    int Size { get; }
+
+    /// <summary>In place: the root's bytes at [offset, offset+length) of <paramref name="buffer"/> reach every rank's same range.</summary>
+    void Broadcast(IDeviceBuffer buffer, long offset, long length, int root, ICopyStream stream);
+
+    /// <summary>Rank r's <paramref name="bytesPerRank"/> bytes land at receiveOffset + r * bytesPerRank on every rank.</summary>
+    void AllGather(IDeviceBuffer send, long sendOffset, IDeviceBuffer receive, long receiveOffset, long bytesPerRank, ICopyStream stream);
+
+    void Send(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream);
+
+    void Receive(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream);
+
+    /// <summary>Operations issued until the scope ends run together, so paired sends and receives cannot deadlock.</summary>
+    IDisposable Group();
+
+    /// <summary>Ends every operation in flight, here and (by closing the links) at the peers; idempotent with Dispose.</summary>
+    void Abort();
+}
+
+/// <summary>A collective failed or missed its deadline; <see cref="Peer"/> names the rank at fault when known.</summary>
+public sealed class CollectiveException(string message, int? peer, Exception? inner = null) : Exception(message, inner)
+{
+    public int? Peer { get; } = peer;
+}

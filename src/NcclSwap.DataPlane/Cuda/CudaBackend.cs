@@ -1,0 +1,164 @@
+using NcclSwap.Cuda;
+
+namespace NcclSwap.DataPlane;
+
+/// <summary>The GPU backend: device memory, streams and events of one device's primary context; NCCL collectives.</summary>
+public sealed class CudaBackend : IBackend
+{
+    public CudaBackend(int device = 0, long maxRetainedPinnedBytes = 4L << 30)
+    {
+        Context = CudaContext.Retain(device);
+        PinnedPool = new PinnedBufferPool(length => PinnedBuffer.Allocate(Context, length), maxRetainedPinnedBytes);
+    }
+
+    public CudaContext Context { get; }
+
+    public string Kind => "cuda";
+
+    public string Description => $"cuda: {Context.Device}, {Context.Device.Name}";
+
+    public PinnedBufferPool PinnedPool { get; }
+
+    public IDeviceBuffer Allocate(long length) => new CudaDeviceBuffer(DeviceBuffer.Allocate(Context, length));
+
+    public ICopyStream CreateStream() => new CudaCopyStream(CudaStream.Create(Context));
+
+    public IDeviceEvent CreateEvent() => new CudaDeviceEvent(CudaEvent.Create(Context));
+
+    public void Upload(ReadOnlySpan<byte> source, IDeviceBuffer destination, long offset = 0) =>
+        AsCuda(destination).CopyFrom(source, offset);
+
+    public void Download(IDeviceBuffer source, long offset, Span<byte> destination) =>
+        AsCuda(source).CopyTo(destination, offset);
+
+    public string CreateCollectiveId() => NcclCollective.Scheme + NcclLibrary.CreateUniqueId().ToHex();
+
+    public ICollective JoinCollective(string id, int rank, int size, TimeSpan timeout) =>
+        NcclCollective.Join(Context, id, rank, size, timeout);
+
+    public void Dispose()
+    {
+        PinnedPool.Dispose();
+        Context.Dispose();
+    }
+
+    internal static DeviceBuffer AsCuda(IDeviceBuffer buffer) => Backend.As<CudaDeviceBuffer>(buffer, "cuda").Buffer;
+
+    internal static CudaStream AsCuda(ICopyStream stream) => Backend.As<CudaCopyStream>(stream, "cuda").Stream;
+}
+
+/// <summary>A <see cref="DeviceBuffer"/> seen through the backend seam.</summary>
+public sealed class CudaDeviceBuffer(DeviceBuffer buffer) : IDeviceBuffer
+{
+    public DeviceBuffer Buffer { get; } = buffer;
+
+    public long Length => Buffer.Length;
+
+    public void Dispose() => Buffer.Dispose();
+
+    public override string ToString() => Buffer.ToString();
+}
+
+internal sealed class CudaCopyStream(CudaStream stream) : ICopyStream
+{
+    public CudaStream Stream { get; } = stream;
+
+    public void CopyAsync(IDeviceBuffer destination, long destinationOffset, PinnedBuffer source, long sourceOffset, long length) =>
+        Stream.CopyAsync(CudaBackend.AsCuda(destination), destinationOffset, source, sourceOffset, length);
+
+    public void CopyAsync(PinnedBuffer destination, long destinationOffset, IDeviceBuffer source, long sourceOffset, long length) =>
+        Stream.CopyAsync(destination, destinationOffset, CudaBackend.AsCuda(source), sourceOffset, length);
+
+    public void CopyAsync(IDeviceBuffer destination, long destinationOffset, IDeviceBuffer source, long sourceOffset, long length) =>
+        Stream.CopyAsync(CudaBackend.AsCuda(destination), destinationOffset, CudaBackend.AsCuda(source), sourceOffset, length);
+
+    public void FillAsync(IDeviceBuffer destination, long offset, long length, byte value) =>
+        Stream.FillAsync(CudaBackend.AsCuda(destination), offset, length, value);
+
+    public void Record(IDeviceEvent @event) => Stream.Record(Backend.As<CudaDeviceEvent>(@event, "cuda").Event);
+
+    public void Wait(IDeviceEvent @event) => Stream.Wait(Backend.As<CudaDeviceEvent>(@event, "cuda").Event);
+
+    public void Synchronize() => Stream.Synchronize();
+
+    public void Dispose() => Stream.Dispose();
+}
+
+internal sealed class CudaDeviceEvent(CudaEvent @event) : IDeviceEvent
+{
+    public CudaEvent Event { get; } = @event;
+
+    public bool IsComplete => Event.IsComplete;
+
+    public void Synchronize() => Event.Synchronize();
+
+    public void Dispose() => Event.Dispose();
+}
+
+/// <summary>An NCCL communicator behind the collective seam: non-blocking, with a deadline on every wait.</summary>
+internal sealed class NcclCollective : ICollective
+{
+    internal const string Scheme = "nccl:";
+    private readonly NcclCommunicator _comm;
+    private readonly TimeSpan _timeout;
+
+    private NcclCollective(NcclCommunicator comm, int rank, int size, TimeSpan timeout)
+    {
+        _comm = comm;
+        Rank = rank;
+        Size = size;
+        _timeout = timeout;
+    }
+
+    public int Rank { get; }
+
+    public int Size { get; }
+
+    public static NcclCollective Join(CudaContext context, string id, int rank, int size, TimeSpan timeout)
+    {
+        if (!id.StartsWith(Scheme, StringComparison.Ordinal))
+            throw new ArgumentException($"'{id}' is not an NCCL collective id (expected nccl:<256 hex digits>).", nameof(id));
+        NcclUniqueId unique = NcclUniqueId.FromHex(id[Scheme.Length..]);
+        try
+        {
+            return new NcclCollective(NcclCommunicator.InitRank(context, size, unique, rank, blocking: false, timeout), rank, size, timeout);
+        }
+        catch (Exception e) when (e is NcclException or TimeoutException)
+        {
+            throw new CollectiveException($"rank {rank}: joining the NCCL collective of {size} ranks failed: {e.Message}", null, e);
+        }
+    }
+
+    public void Broadcast(IDeviceBuffer buffer, long offset, long length, int root, ICopyStream stream)
+    {
+        ulong address = CudaBackend.AsCuda(buffer).At(offset, length);
+        _comm.Broadcast(address, address, length, root, CudaBackend.AsCuda(stream));
+    }
+
+    public void AllGather(IDeviceBuffer send, long sendOffset, IDeviceBuffer receive, long receiveOffset, long bytesPerRank, ICopyStream stream) =>
+        _comm.AllGather(CudaBackend.AsCuda(send).At(sendOffset, bytesPerRank),
+            CudaBackend.AsCuda(receive).At(receiveOffset, checked(bytesPerRank * Size)), bytesPerRank, CudaBackend.AsCuda(stream));
+
+    public void Send(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream) =>
+        _comm.Send(CudaBackend.AsCuda(buffer).At(offset, length), length, peer, CudaBackend.AsCuda(stream));
+
+    public void Receive(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream) =>
+        _comm.Receive(CudaBackend.AsCuda(buffer).At(offset, length), length, peer, CudaBackend.AsCuda(stream));
+
+    public IDisposable Group() => new GroupScope(NcclCommunicator.Group(), this);
+
+    public void Abort() => _comm.Abort();
+
+    public void Dispose() => _comm.Dispose();
+
+    private sealed class GroupScope(NcclGroup group, NcclCollective owner) : IDisposable
+    {
+        private NcclGroup _group = group;
+
+        public void Dispose()
+        {
+            _group.Dispose();
+            owner._comm.WaitReady(owner._timeout, "group");
+        }
+    }
+}

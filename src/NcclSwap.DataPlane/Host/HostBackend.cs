@@ -1,0 +1,120 @@
+using System.Runtime.InteropServices;
+using NcclSwap.Cuda;
+
+namespace NcclSwap.DataPlane;
+
+/// <summary>
+/// The backend without a GPU: "device" memory is page-aligned host memory, a stream runs each operation
+/// at once in issue order, and collectives go over loopback TCP between processes.
+/// </summary>
+public sealed class HostBackend : IBackend
+{
+    public HostBackend(long maxRetainedPinnedBytes = 1L << 30) =>
+        PinnedPool = new PinnedBufferPool(PinnedBuffer.AllocatePageable, maxRetainedPinnedBytes);
+
+    public string Kind => "host";
+
+    public string Description => $"host: CPU memory, loopback TCP collectives ({Environment.ProcessorCount} cores)";
+
+    public PinnedBufferPool PinnedPool { get; }
+
+    public IDeviceBuffer Allocate(long length) => new HostDeviceBuffer(length);
+
+    public ICopyStream CreateStream() => new HostStream();
+
+    public IDeviceEvent CreateEvent() => new HostEvent();
+
+    public void Upload(ReadOnlySpan<byte> source, IDeviceBuffer destination, long offset = 0) =>
+        source.CopyTo(AsHost(destination).GetSpan(offset, source.Length));
+
+    public void Download(IDeviceBuffer source, long offset, Span<byte> destination) =>
+        AsHost(source).GetSpan(offset, destination.Length).CopyTo(destination);
+
+    public string CreateCollectiveId() => HostCollective.CreateId();
+
+    public ICollective JoinCollective(string id, int rank, int size, TimeSpan timeout) =>
+        HostCollective.Join(id, rank, size, timeout);
+
+    public void Dispose() => PinnedPool.Dispose();
+
+    internal static HostDeviceBuffer AsHost(IDeviceBuffer buffer) => Backend.As<HostDeviceBuffer>(buffer, "host");
+}
+
+/// <summary>Page-aligned host memory standing in for device memory.</summary>
+public sealed unsafe class HostDeviceBuffer : IDeviceBuffer
+{
+    private int _disposed;
+
+    public HostDeviceBuffer(long length)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(length);
+        Length = length;
+        Pointer = (nint)NativeMemory.AlignedAlloc(checked((nuint)length), 4096);
+    }
+
+    public long Length { get; }
+
+    public nint Pointer { get; }
+
+    public Span<byte> GetSpan(long offset, long length)
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        if (offset < 0 || length < 0 || offset > Length || length > Length - offset || length > int.MaxValue)
+            throw new ArgumentOutOfRangeException(nameof(offset), $"range [{offset}, {offset}+{length}) does not fit in {this}.");
+        return new Span<byte>((byte*)Pointer + offset, (int)length);
+    }
+
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) == 0)
+            NativeMemory.AlignedFree((void*)Pointer);
+    }
+
+    public override string ToString() => $"host buffer of {Length} bytes";
+}
+
+/// <summary>Runs every operation when it is issued, which keeps the stream's order trivially.</summary>
+internal sealed class HostStream : ICopyStream
+{
+    public void CopyAsync(IDeviceBuffer destination, long destinationOffset, PinnedBuffer source, long sourceOffset, long length) =>
+        Copy(source.GetSpan(sourceOffset, checked((int)length)), HostBackend.AsHost(destination).GetSpan(destinationOffset, length));
+
+    public void CopyAsync(PinnedBuffer destination, long destinationOffset, IDeviceBuffer source, long sourceOffset, long length) =>
+        Copy(HostBackend.AsHost(source).GetSpan(sourceOffset, length), destination.GetSpan(destinationOffset, checked((int)length)));
+
+    public void CopyAsync(IDeviceBuffer destination, long destinationOffset, IDeviceBuffer source, long sourceOffset, long length) =>
+        Copy(HostBackend.AsHost(source).GetSpan(sourceOffset, length), HostBackend.AsHost(destination).GetSpan(destinationOffset, length));
+
+    public void FillAsync(IDeviceBuffer destination, long offset, long length, byte value) =>
+        HostBackend.AsHost(destination).GetSpan(offset, length).Fill(value);
+
+    public void Record(IDeviceEvent @event) => Backend.As<HostEvent>(@event, "host").Recorded = true;
+
+    public void Wait(IDeviceEvent @event) => Backend.As<HostEvent>(@event, "host");
+
+    public void Synchronize()
+    {
+    }
+
+    public void Dispose()
+    {
+    }
+
+    private static void Copy(ReadOnlySpan<byte> from, Span<byte> to) => from.CopyTo(to);
+}
+
+/// <summary>Complete as soon as it is recorded, since host streams finish work when it is issued.</summary>
+internal sealed class HostEvent : IDeviceEvent
+{
+    public bool Recorded { get; set; }
+
+    public bool IsComplete => true;
+
+    public void Synchronize()
+    {
+    }
+
+    public void Dispose()
+    {
+    }
+}
