@@ -1,0 +1,83 @@
+using System.Globalization;
+using NcclSwap.Testing;
+
+namespace NcclSwap.DataPlane.Tests;
+
+/// <summary>
+/// One rank of a multi-process collective test, run in its own process. Scenarios:
+/// <c>exchange</c> runs a broadcast, an all-gather and a ring of paired sends and receives and writes what
+/// it received to a file; <c>stall</c> joins and then never takes part.
+/// </summary>
+internal static class CollectivePeer
+{
+    public const string Role = "collective";
+
+    public static PeerProcess Start(string id, int rank, int size, int seed, int bytes, string scenario, string output) =>
+        PeerHost.Start(Role, id, $"{rank}", $"{size}", $"{seed}", $"{bytes}", scenario, output);
+
+    public static int Run(string[] args)
+    {
+        string id = args[0];
+        int rank = int.Parse(args[1], CultureInfo.InvariantCulture);
+        int size = int.Parse(args[2], CultureInfo.InvariantCulture);
+        int seed = int.Parse(args[3], CultureInfo.InvariantCulture);
+        int bytes = int.Parse(args[4], CultureInfo.InvariantCulture);
+        string scenario = args[5];
+        string output = args[6];
+
+        using var backend = new HostBackend();
+        using ICollective collective = backend.JoinCollective(id, rank, size, TimeSpan.FromSeconds(30));
+        Console.WriteLine("joined");
+        if (scenario == "stall")
+        {
+            Thread.Sleep(Timeout.Infinite);
+            return 0;
+        }
+        byte[] received = Exchange(backend, collective, seed, bytes);
+        File.WriteAllBytes(output, received);
+        Console.WriteLine("done");
+        return 0;
+    }
+
+    /// <summary>What <see cref="Exchange"/> must produce on <paramref name="rank"/>: broadcast | all-gather | ring receive.</summary>
+    public static byte[] Expected(int rank, int size, int seed, int bytes)
+    {
+        var expected = new List<byte>();
+        expected.AddRange(TestData.Random(bytes, seed));
+        for (int r = 0; r < size; r++)
+            expected.AddRange(TestData.Random(bytes, seed + 1 + r));
+        expected.AddRange(TestData.Random(bytes, seed + 1000 + (rank + size - 1) % size));
+        return [.. expected];
+    }
+
+    public static byte[] Exchange(IBackend backend, ICollective collective, int seed, int bytes)
+    {
+        int rank = collective.Rank, size = collective.Size;
+        using ICopyStream stream = backend.CreateStream();
+
+        using IDeviceBuffer broadcast = backend.Allocate(bytes);
+        backend.Upload(rank == 0 ? TestData.Random(bytes, seed) : TestData.Random(bytes, seed ^ 0x5555), broadcast);
+        collective.Broadcast(broadcast, 0, bytes, root: 0, stream);
+
+        using IDeviceBuffer mine = backend.Allocate(bytes);
+        using IDeviceBuffer gathered = backend.Allocate((long)bytes * size);
+        backend.Upload(TestData.Random(bytes, seed + 1 + rank), mine);
+        collective.AllGather(mine, 0, gathered, 0, bytes, stream);
+
+        using IDeviceBuffer outgoing = backend.Allocate(bytes);
+        using IDeviceBuffer incoming = backend.Allocate(bytes);
+        backend.Upload(TestData.Random(bytes, seed + 1000 + rank), outgoing);
+        using (collective.Group())
+        {
+            collective.Send(outgoing, 0, bytes, (rank + 1) % size, stream);
+            collective.Receive(incoming, 0, bytes, (rank + size - 1) % size, stream);
+        }
+        stream.Synchronize();
+
+        byte[] result = new byte[bytes * (size + 2)];
+        backend.Download(broadcast, 0, result.AsSpan(0, bytes));
+        backend.Download(gathered, 0, result.AsSpan(bytes, bytes * size));
+        backend.Download(incoming, 0, result.AsSpan(bytes * (size + 1), bytes));
+        return result;
+    }
+}
