@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Build, test and package nccl-swap.
+#
+#   ./build.sh test            all tests on this machine (GPU tests report as skipped where there is no GPU)
+#   ./build.sh publish         the agent as one NativeAOT binary: artifacts/bin/nccl-swap
+#   ./build.sh gpu-test        package the GPU suite (self-contained, no .NET needed) and the agent into
+#                              artifacts/gpu/, for a GPU machine
+#   ./build.sh gpu-test DIR    on the GPU machine: run the suite packaged in DIR and `nccl-swap doctor --bench`,
+#                              logging to $OUT (or DIR/logs)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+
+# Sums the per-project "Passed: N", "Failed: N", "Skipped: N" totals of dotnet test into one closing line.
+summarize() {
+  awk '/^ +(Passed|Failed|Skipped): [0-9]+$/ { n[$1] += $2 }
+       END { printf "tests: %d passed, %d failed, %d skipped\n", n["Passed:"], n["Failed:"], n["Skipped:"] }' "$1"
+}
+
+case "${1:-}" in
+  test)
+    log=$(mktemp)
+    status=0
+    dotnet test nccl-swap.sln -c Release --logger "console;verbosity=normal" 2>&1 | tee "$log" || status=$?
+    summarize "$log"
+    rm -f "$log"
+    exit $status
+    ;;
+  publish)
+    dotnet publish src/NcclSwap.Agent/NcclSwap.Agent.csproj -c Release -r linux-x64 -o artifacts/bin
+    rm -f artifacts/bin/*.dbg
+    ls -l artifacts/bin/nccl-swap
+    ;;
+  gpu-test)
+    if [ $# -ge 2 ]; then
+      dir=$(cd "$2" && pwd)
+      logs=${OUT:-$dir/logs}
+      mkdir -p "$logs"
+      work=$(mktemp -d)
+      tar -xJf "$dir/gpu-tests.tar.xz" -C "$work"
+      echo "== nccl-swap doctor --bench" | tee "$logs/doctor.log"
+      "$dir/nccl-swap" doctor --bench 2>&1 | tee -a "$logs/doctor.log"
+      echo "== GPU test suite" | tee "$logs/gpu-tests.log"
+      status=0
+      "$work/suite/NcclSwap.Gpu.Tests" -noColor -reporter verbose 2>&1 | tee -a "$logs/gpu-tests.log" || status=$?
+      grep -E 'Total:|\[FAIL\]' "$logs/gpu-tests.log" || true
+      exit $status
+    fi
+    rm -rf artifacts/gpu
+    dotnet publish tests/NcclSwap.Gpu.Tests/NcclSwap.Gpu.Tests.csproj -c Release -r linux-x64 --self-contained -o artifacts/gpu/suite
+    tar -cJf artifacts/gpu/gpu-tests.tar.xz -C artifacts/gpu suite
+    rm -rf artifacts/gpu/suite
+    dotnet publish src/NcclSwap.Agent/NcclSwap.Agent.csproj -c Release -r linux-x64 -o artifacts/gpu/agent
+    mv artifacts/gpu/agent/nccl-swap artifacts/gpu/nccl-swap
+    rm -rf artifacts/gpu/agent
+    cp build.sh artifacts/gpu/
+    ls -l artifacts/gpu
+    ;;
+  *)
+    usage
+    exit 2
+    ;;
+esac

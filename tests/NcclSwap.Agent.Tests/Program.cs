@@ -1,0 +1,6 @@
+namespace NcclSwap.Agent.Tests;
+
+public static class TestProgram
+{
+    public static int Main(string[] args) => Testing.PeerHost.Run(args, new Dictionary<string, Func<string[], int>>());
+}
