@@ -54,7 +54,6 @@ case "${1:-}" in
     dotnet publish src/NcclSwap.Agent/NcclSwap.Agent.csproj -c Release -r linux-x64 -o artifacts/gpu/agent
     mv artifacts/gpu/agent/nccl-swap artifacts/gpu/nccl-swap
     rm -rf artifacts/gpu/agent
-    cp build.sh artifacts/gpu/
     ls -l artifacts/gpu
     ;;
   *)
