@@ -56,16 +56,23 @@ public static class NcclLibrary
 /// (<c>blocking: false</c>) never blocks the host inside NCCL; its state is polled with
 /// <see cref="GetAsyncError"/>, and every wait for it has a deadline.
 /// </summary>
-public sealed class NcclCommunicator : GpuOwner
+public sealed unsafe class NcclCommunicator : GpuOwner
 {
-    private readonly nint _comm;
+    // NCCL's asynchronous init and split write the new ncclComm_t through the caller's pointer when
+    // their background job ends, after the call has returned. So the handle lives in a native slot that
+    // this object owns, never on a stack.
+    private readonly nint* _slot;
 
-    private NcclCommunicator(CudaContext context, nint comm, bool blocking) : base(ownsHandle: true)
+    private NcclCommunicator(CudaContext context, nint* slot, bool blocking) : base(ownsHandle: true)
     {
         Context = context;
-        _comm = comm;
+        _slot = slot;
         IsBlocking = blocking;
     }
+
+    private nint Comm => Volatile.Read(ref *_slot);
+
+    private static nint* NewSlot() => (nint*)NativeMemory.AllocZeroed((nuint)sizeof(nint));
 
     public CudaContext Context { get; }
 
@@ -84,10 +91,10 @@ public sealed class NcclCommunicator : GpuOwner
         if ((uint)rank >= (uint)ranks)
             throw new ArgumentOutOfRangeException(nameof(rank), $"rank {rank} is not in [0, {ranks}).");
         context.MakeCurrent();
-        nint comm;
+        nint* slot = NewSlot();
         Interop.Nccl.Config config = Interop.Nccl.Config.Create(blocking);
-        Interop.Nccl.CommInitRankConfig(&comm, ranks, id, rank, &config).ThrowIfFailed(allowInProgress: !blocking);
-        var communicator = new NcclCommunicator(context, comm, blocking);
+        Interop.Nccl.CommInitRankConfig(slot, ranks, id, rank, &config).ThrowIfFailed(allowInProgress: !blocking);
+        var communicator = new NcclCommunicator(context, slot, blocking);
         if (!blocking)
             communicator.WaitReady(timeout ?? TimeSpan.FromMinutes(2), $"init of rank {rank} of {ranks}");
         return communicator;
@@ -99,7 +106,7 @@ public sealed class NcclCommunicator : GpuOwner
         {
             ThrowIfDisposed();
             int rank;
-            Interop.Nccl.CommUserRank(_comm, &rank).ThrowIfFailed(_comm);
+            Interop.Nccl.CommUserRank(Comm, &rank).ThrowIfFailed(Comm);
             return rank;
         }
     }
@@ -110,7 +117,7 @@ public sealed class NcclCommunicator : GpuOwner
         {
             ThrowIfDisposed();
             int count;
-            Interop.Nccl.CommCount(_comm, &count).ThrowIfFailed(_comm);
+            Interop.Nccl.CommCount(Comm, &count).ThrowIfFailed(Comm);
             return count;
         }
     }
@@ -122,7 +129,7 @@ public sealed class NcclCommunicator : GpuOwner
         {
             ThrowIfDisposed();
             int device;
-            Interop.Nccl.CommCuDevice(_comm, &device).ThrowIfFailed(_comm);
+            Interop.Nccl.CommCuDevice(Comm, &device).ThrowIfFailed(Comm);
             return device;
         }
     }
@@ -132,7 +139,7 @@ public sealed class NcclCommunicator : GpuOwner
     {
         ThrowIfDisposed();
         NcclResult state;
-        Interop.Nccl.CommGetAsyncError(_comm, &state).ThrowIfFailed(_comm);
+        Interop.Nccl.CommGetAsyncError(Comm, &state).ThrowIfFailed(Comm);
         return state;
     }
 
@@ -147,7 +154,7 @@ public sealed class NcclCommunicator : GpuOwner
                 return;
             if (state != NcclResult.InProgress)
             {
-                string? last = Marshal.PtrToStringUTF8(Interop.Nccl.GetLastError(_comm));
+                string? last = Marshal.PtrToStringUTF8(Interop.Nccl.GetLastError(Comm));
                 Abort();
                 throw new NcclException(state, $"{what} failed", last, "ncclCommGetAsyncError");
             }
@@ -167,30 +174,30 @@ public sealed class NcclCommunicator : GpuOwner
     public void Broadcast(ulong send, ulong receive, long bytes, int root, CudaStream stream)
     {
         Bind();
-        Interop.Nccl.Broadcast(send, receive, checked((nuint)bytes), NcclDataType.Uint8, root, _comm, stream.Handle)
-            .ThrowIfFailed(_comm, allowInProgress: !IsBlocking);
+        Interop.Nccl.Broadcast(send, receive, checked((nuint)bytes), NcclDataType.Uint8, root, Comm, stream.Handle)
+            .ThrowIfFailed(Comm, allowInProgress: !IsBlocking);
     }
 
     /// <summary>Gathers <paramref name="bytesPerRank"/> from every rank; rank r's bytes land at r * bytesPerRank of <paramref name="receive"/>.</summary>
     public void AllGather(ulong send, ulong receive, long bytesPerRank, CudaStream stream)
     {
         Bind();
-        Interop.Nccl.AllGather(send, receive, checked((nuint)bytesPerRank), NcclDataType.Uint8, _comm, stream.Handle)
-            .ThrowIfFailed(_comm, allowInProgress: !IsBlocking);
+        Interop.Nccl.AllGather(send, receive, checked((nuint)bytesPerRank), NcclDataType.Uint8, Comm, stream.Handle)
+            .ThrowIfFailed(Comm, allowInProgress: !IsBlocking);
     }
 
     public void Send(ulong send, long bytes, int peer, CudaStream stream)
     {
         Bind();
-        Interop.Nccl.Send(send, checked((nuint)bytes), NcclDataType.Uint8, peer, _comm, stream.Handle)
-            .ThrowIfFailed(_comm, allowInProgress: !IsBlocking);
+        Interop.Nccl.Send(send, checked((nuint)bytes), NcclDataType.Uint8, peer, Comm, stream.Handle)
+            .ThrowIfFailed(Comm, allowInProgress: !IsBlocking);
     }
 
     public void Receive(ulong receive, long bytes, int peer, CudaStream stream)
     {
         Bind();
-        Interop.Nccl.Recv(receive, checked((nuint)bytes), NcclDataType.Uint8, peer, _comm, stream.Handle)
-            .ThrowIfFailed(_comm, allowInProgress: !IsBlocking);
+        Interop.Nccl.Recv(receive, checked((nuint)bytes), NcclDataType.Uint8, peer, Comm, stream.Handle)
+            .ThrowIfFailed(Comm, allowInProgress: !IsBlocking);
     }
 
     /// <summary>Starts a group: collectives issued until the returned scope ends run together (e.g. paired sends and receives).</summary>
@@ -209,11 +216,16 @@ public sealed class NcclCommunicator : GpuOwner
     public unsafe NcclCommunicator? Split(int color, int key, TimeSpan? timeout = null)
     {
         Bind();
-        nint child;
-        Interop.Nccl.CommSplit(_comm, color < 0 ? -1 : color, key, &child, null).ThrowIfFailed(_comm, allowInProgress: !IsBlocking);
-        if (child == 0)
+        nint* slot = NewSlot();
+        Interop.Nccl.CommSplit(Comm, color < 0 ? -1 : color, key, slot, null).ThrowIfFailed(Comm, allowInProgress: !IsBlocking);
+        if (!IsBlocking)
+            WaitReady(timeout ?? TimeSpan.FromMinutes(2), $"split (color {color}, key {key})"); // the split job runs on this communicator
+        if (Volatile.Read(ref *slot) == 0)
+        {
+            NativeMemory.Free(slot);
             return null;
-        var split = new NcclCommunicator(Context, child, IsBlocking);
+        }
+        var split = new NcclCommunicator(Context, slot, IsBlocking);
         if (!IsBlocking)
             split.WaitReady(timeout ?? TimeSpan.FromMinutes(2), $"split (color {color}, key {key})");
         return split;
@@ -225,7 +237,9 @@ public sealed class NcclCommunicator : GpuOwner
         if (TryMarkReleased())
         {
             Context.MakeCurrent();
-            Interop.Nccl.CommAbort(_comm).ThrowIfFailed();
+            NcclResult aborted = Interop.Nccl.CommAbort(Comm);
+            NativeMemory.Free(_slot);
+            aborted.ThrowIfFailed();
         }
     }
 
@@ -238,12 +252,14 @@ public sealed class NcclCommunicator : GpuOwner
     private protected override void Release()
     {
         Context.MakeCurrent();
-        NcclResult destroyed = Interop.Nccl.CommDestroy(_comm);
+        NcclResult destroyed = Interop.Nccl.CommDestroy(Comm);
         if (destroyed != NcclResult.Success && destroyed != NcclResult.InProgress)
-            Interop.Nccl.CommAbort(_comm).ThrowIfFailed();
+            destroyed = Interop.Nccl.CommAbort(Comm);
+        NativeMemory.Free(_slot);
+        destroyed.ThrowIfFailed(allowInProgress: true);
     }
 
-    public override string ToString() => $"NCCL communicator 0x{_comm:x} on {Context.Device}";
+    public override string ToString() => $"NCCL communicator on {Context.Device}";
 }
 
 /// <summary>The scope of an NCCL group (<c>ncclGroupStart</c> … <c>ncclGroupEnd</c>).</summary>

@@ -77,8 +77,8 @@ public class DeviceMemoryTests
                 using var stream = CudaStream.Create(context);
                 stream.CopyAsync(device, 0, registered, 0, size);
                 stream.FillAsync(device, 0, 7, 0x42);
+                stream.Synchronize(); // the host memory is read asynchronously: only now may it change
                 span.Fill(0);
-                stream.Synchronize();
                 stream.CopyAsync(registered, 0, device, 0, size);
                 stream.Synchronize();
                 Assert.All(span[..7].ToArray(), x => Assert.Equal(0x42, x));
