@@ -22,7 +22,7 @@ case "${1:-}" in
   test)
     log=$(mktemp)
     status=0
-    dotnet test nccl-swap.sln -c Release --logger "console;verbosity=normal" 2>&1 | tee "$log" || status=$?
+    dotnet test nccl-swap.sln -c Release --logger "console;verbosity=normal" --blame-hang-timeout 10m 2>&1 | tee "$log" || status=$?
     summarize "$log"
     rm -f "$log"
     exit $status
