@@ -56,14 +56,23 @@ public class HostCollectiveTests
         }
     }
 
+    /// <summary>Rank 0 here, rank 1 in a process that joins and then never takes part.</summary>
+    private static (ICollective Collective, PeerProcess Peer) JoinWithStalledPeer(HostBackend backend, TimeSpan timeout)
+    {
+        string id = backend.CreateCollectiveId();
+        PeerProcess peer = CollectivePeer.Start(id, 1, 2, 1, 1, "stall", "/dev/null");
+        ICollective collective = backend.JoinCollective(id, 0, 2, timeout);
+        peer.WaitForLine("joined", Generous);
+        return (collective, peer);
+    }
+
     [Fact]
     public void A_killed_peer_ends_the_transfer_with_an_error_naming_it()
     {
         using var backend = new HostBackend();
-        string id = backend.CreateCollectiveId();
-        using PeerProcess peer = CollectivePeer.Start(id, 1, 2, 1, 1, "stall", "/dev/null");
-        using ICollective collective = backend.JoinCollective(id, 0, 2, TimeSpan.FromSeconds(30));
-        peer.WaitForLine("joined", Generous);
+        (ICollective collective, PeerProcess peer) = JoinWithStalledPeer(backend, TimeSpan.FromSeconds(30));
+        using var _ = collective;
+        using var __ = peer;
 
         // 256 MiB cannot sit in socket buffers, so the send is still in flight when the peer dies.
         const int bytes = 256 << 20;
@@ -87,10 +96,9 @@ public class HostCollectiveTests
     public void A_stalled_peer_misses_the_deadline_and_is_named()
     {
         using var backend = new HostBackend();
-        string id = backend.CreateCollectiveId();
-        using PeerProcess peer = CollectivePeer.Start(id, 1, 2, 1, 1, "stall", "/dev/null");
-        using ICollective collective = backend.JoinCollective(id, 0, 2, TimeSpan.FromSeconds(5));
-        peer.WaitForLine("joined", Generous);
+        (ICollective collective, PeerProcess peer) = JoinWithStalledPeer(backend, TimeSpan.FromSeconds(5));
+        using var _ = collective;
+        using var __ = peer;
         using IDeviceBuffer buffer = backend.Allocate(1000);
         byte[] before = TestData.Random(1000, seed: 4);
         backend.Upload(before, buffer);
@@ -145,6 +153,21 @@ public class HostCollectiveTests
         first.Join();
         var timedOut = Assert.IsType<CollectiveException>(firstError);
         Assert.Contains("did not send the member table within 3 s", timedOut.Message);
+    }
+
+    [Fact]
+    public void Bad_roots_and_peers_are_refused_before_anything_is_sent()
+    {
+        using var backend = new HostBackend();
+        using ICollective single = backend.JoinCollective(backend.CreateCollectiveId(), 0, 1, Generous);
+        using IDeviceBuffer buffer = backend.Allocate(64);
+        using ICopyStream stream = backend.CreateStream();
+        Assert.Contains("root 1 is not a rank of this collective of 1",
+            Assert.Throws<ArgumentOutOfRangeException>(() => single.Broadcast(buffer, 0, 64, 1, stream)).Message);
+        Assert.Contains("rank 0 cannot send to or receive from itself",
+            Assert.Throws<ArgumentException>(() => single.Send(buffer, 0, 64, 0, stream)).Message);
+        Assert.Throws<ArgumentOutOfRangeException>(() => single.Receive(buffer, 0, 64, -1, stream));
+        single.Broadcast(buffer, 0, 64, 0, stream); // still usable: a broadcast of one rank moves nothing
     }
 
     [Theory]

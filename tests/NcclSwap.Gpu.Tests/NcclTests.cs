@@ -94,5 +94,17 @@ public class NcclTests
         byte[] back = new byte[size];
         backend.Download(gathered, 0, back);
         Assert.Equal(data, back);
+
+        // Bad arguments are refused before NCCL sees them, and the collective stays usable.
+        var root = Assert.Throws<ArgumentOutOfRangeException>(() => collective.Broadcast(buffer, 0, size, 5, stream));
+        Assert.Contains("root 5 is not a rank of this collective of 1", root.Message);
+        Assert.Throws<ArgumentException>(() => collective.Send(buffer, 0, 16, 0, stream));
+        Assert.Throws<ArgumentOutOfRangeException>(() => collective.AllGather(buffer, 1, gathered, 0, size, stream));
+        byte[] next = TestData.Random(size, seed: 64);
+        backend.Upload(next, buffer);
+        collective.AllGather(buffer, 0, gathered, 0, size, stream);
+        stream.Synchronize();
+        backend.Download(gathered, 0, back);
+        Assert.Equal(next, back);
     }
 }

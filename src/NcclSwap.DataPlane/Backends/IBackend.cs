@@ -105,3 +105,20 @@ public sealed class CollectiveException(string message, int? peer, Exception? in
 {
     public int? Peer { get; } = peer;
 }
+
+internal static class CollectiveArguments
+{
+    /// <summary>Refuses a root or peer that is not a rank of the collective, before anything is issued.</summary>
+    internal static void CheckRank(int rank, int size, string what)
+    {
+        if ((uint)rank >= (uint)size)
+            throw new ArgumentOutOfRangeException(what, $"{what} {rank} is not a rank of this collective of {size}.");
+    }
+
+    internal static void CheckPeer(int peer, int self, int size)
+    {
+        CheckRank(peer, size, "peer");
+        if (peer == self)
+            throw new ArgumentException($"rank {self} cannot send to or receive from itself.", nameof(peer));
+    }
+}

@@ -131,19 +131,31 @@ internal sealed class NcclCollective : ICollective
 
     public void Broadcast(IDeviceBuffer buffer, long offset, long length, int root, ICopyStream stream)
     {
+        CollectiveArguments.CheckRank(root, Size, "root");
         ulong address = CudaBackend.AsCuda(buffer).At(offset, length);
-        _comm.Broadcast(address, address, length, root, CudaBackend.AsCuda(stream));
+        Enqueue("broadcast", null, () => _comm.Broadcast(address, address, length, root, CudaBackend.AsCuda(stream)));
     }
 
-    public void AllGather(IDeviceBuffer send, long sendOffset, IDeviceBuffer receive, long receiveOffset, long bytesPerRank, ICopyStream stream) =>
-        _comm.AllGather(CudaBackend.AsCuda(send).At(sendOffset, bytesPerRank),
-            CudaBackend.AsCuda(receive).At(receiveOffset, checked(bytesPerRank * Size)), bytesPerRank, CudaBackend.AsCuda(stream));
+    public void AllGather(IDeviceBuffer send, long sendOffset, IDeviceBuffer receive, long receiveOffset, long bytesPerRank, ICopyStream stream)
+    {
+        ulong from = CudaBackend.AsCuda(send).At(sendOffset, bytesPerRank);
+        ulong to = CudaBackend.AsCuda(receive).At(receiveOffset, checked(bytesPerRank * Size));
+        Enqueue("all-gather", null, () => _comm.AllGather(from, to, bytesPerRank, CudaBackend.AsCuda(stream)));
+    }
 
-    public void Send(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream) =>
-        _comm.Send(CudaBackend.AsCuda(buffer).At(offset, length), length, peer, CudaBackend.AsCuda(stream));
+    public void Send(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream)
+    {
+        CollectiveArguments.CheckPeer(peer, Rank, Size);
+        ulong address = CudaBackend.AsCuda(buffer).At(offset, length);
+        Enqueue("send", peer, () => _comm.Send(address, length, peer, CudaBackend.AsCuda(stream)));
+    }
 
-    public void Receive(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream) =>
-        _comm.Receive(CudaBackend.AsCuda(buffer).At(offset, length), length, peer, CudaBackend.AsCuda(stream));
+    public void Receive(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream)
+    {
+        CollectiveArguments.CheckPeer(peer, Rank, Size);
+        ulong address = CudaBackend.AsCuda(buffer).At(offset, length);
+        Enqueue("receive", peer, () => _comm.Receive(address, length, peer, CudaBackend.AsCuda(stream)));
+    }
 
     public IDisposable Group() => new GroupScope(NcclCommunicator.Group(), this);
 
@@ -151,14 +163,40 @@ internal sealed class NcclCollective : ICollective
 
     public void Dispose() => _comm.Dispose();
 
+    /// <summary>Issues one NCCL call; its failure becomes a <see cref="CollectiveException"/> naming this rank and the peer.</summary>
+    private void Enqueue(string operation, int? peer, Action call)
+    {
+        try
+        {
+            call();
+        }
+        catch (NcclException e)
+        {
+            string with = peer is null ? "" : $" with rank {peer}";
+            throw new CollectiveException($"rank {Rank}: NCCL {operation}{with} failed: {e.Message}", peer, e);
+        }
+    }
+
+    private void WaitGroup()
+    {
+        try
+        {
+            _comm.WaitReady(_timeout, "group");
+        }
+        catch (TimeoutException e)
+        {
+            throw new CollectiveException($"rank {Rank}: {e.Message}", null, e);
+        }
+    }
+
     private sealed class GroupScope(NcclGroup group, NcclCollective owner) : IDisposable
     {
         private NcclGroup _group = group;
 
-        public void Dispose()
+        public void Dispose() => owner.Enqueue("group", null, () =>
         {
             _group.Dispose();
-            owner._comm.WaitReady(owner._timeout, "group");
-        }
+            owner.WaitGroup();
+        });
     }
 }

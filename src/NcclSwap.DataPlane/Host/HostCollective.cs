@@ -138,7 +138,7 @@ public sealed class HostCollective : ICollective
 
     public void Broadcast(IDeviceBuffer buffer, long offset, long length, int root, ICopyStream stream)
     {
-        CheckRank(root, "root");
+        CollectiveArguments.CheckRank(root, Size, "root");
         Span<byte> span = HostBackend.AsHost(buffer).GetSpan(offset, length);
         var transfers = new List<Transfer>();
         unsafe
@@ -186,14 +186,14 @@ public sealed class HostCollective : ICollective
 
     public unsafe void Send(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream)
     {
-        CheckPeer(peer);
+        CollectiveArguments.CheckPeer(peer, Rank, Size);
         fixed (byte* p = HostBackend.AsHost(buffer).GetSpan(offset, length))
             Issue([new Transfer(Operation.SendReceive, peer, Send: true, (nint)p, length)]);
     }
 
     public unsafe void Receive(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream)
     {
-        CheckPeer(peer);
+        CollectiveArguments.CheckPeer(peer, Rank, Size);
         fixed (byte* p = HostBackend.AsHost(buffer).GetSpan(offset, length))
             Issue([new Transfer(Operation.SendReceive, peer, Send: false, (nint)p, length)]);
     }
@@ -347,19 +347,6 @@ public sealed class HostCollective : ICollective
                 Thread.Sleep(20);
             }
         }
-    }
-
-    private void CheckRank(int rank, string what)
-    {
-        if ((uint)rank >= (uint)Size)
-            throw new ArgumentOutOfRangeException(what, $"{what} {rank} is not a rank of this collective of {Size}.");
-    }
-
-    private void CheckPeer(int peer)
-    {
-        CheckRank(peer, "peer");
-        if (peer == Rank)
-            throw new ArgumentException($"rank {Rank} cannot send to or receive from itself.", nameof(peer));
     }
 
     private void ThrowIfBroken()
