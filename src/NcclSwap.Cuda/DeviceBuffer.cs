@@ -44,13 +44,14 @@ public sealed class DeviceBuffer : GpuOwner
         return Address + (ulong)offset;
     }
 
-    /// <summary>Copies host bytes into the buffer at <paramref name="offset"/> (synchronous; any host memory).</summary>
+    /// <summary>Copies host bytes into the buffer at <paramref name="offset"/>; the bytes are on the device when it returns.</summary>
     public unsafe void CopyFrom(ReadOnlySpan<byte> source, long offset = 0)
     {
         ulong destination = At(offset, source.Length);
         Context.MakeCurrent();
         fixed (byte* s = source)
             Interop.Cuda.MemcpyHtoD(destination, s, (nuint)source.Length).ThrowIfFailed();
+        WaitForDefaultStream();
     }
 
     /// <summary>Copies bytes from <paramref name="offset"/> into <paramref name="destination"/> (synchronous).</summary>
@@ -62,22 +63,30 @@ public sealed class DeviceBuffer : GpuOwner
             Interop.Cuda.MemcpyDtoH(d, source, (nuint)destination.Length).ThrowIfFailed();
     }
 
-    /// <summary>Copies <paramref name="length"/> bytes device to device (synchronous).</summary>
+    /// <summary>Copies <paramref name="length"/> bytes device to device; done when it returns.</summary>
     public void CopyFrom(DeviceBuffer source, long sourceOffset, long offset, long length)
     {
         ulong from = source.At(sourceOffset, length);
         ulong to = At(offset, length);
         Context.MakeCurrent();
         Interop.Cuda.MemcpyDtoD(to, from, (nuint)length).ThrowIfFailed();
+        WaitForDefaultStream();
     }
 
-    /// <summary>Sets every byte of the buffer to <paramref name="value"/> (synchronous).</summary>
+    /// <summary>Sets every byte of the buffer to <paramref name="value"/>; done when it returns.</summary>
     public void Fill(byte value)
     {
         ulong address = At(0, Length);
         Context.MakeCurrent();
         Interop.Cuda.MemsetD8(address, value, (nuint)Length).ThrowIfFailed();
+        WaitForDefaultStream();
     }
+
+    // The "synchronous" driver calls are not all synchronous: a pageable H2D copy may return before its
+    // DMA lands, and device-to-device copies and memsets return at once. They run on the legacy default
+    // stream, which the project's non-blocking streams do not wait for; so wait for it here, making these
+    // methods complete when they return. (D2H to pageable memory is synchronous already.)
+    private static void WaitForDefaultStream() => Interop.Cuda.StreamSynchronize(0).ThrowIfFailed();
 
     /// <summary>The IPC handle of the allocation that contains this buffer, and this buffer's offset in it.</summary>
     public unsafe (CuIpcMemHandle Handle, long Offset) ExportIpcHandle()

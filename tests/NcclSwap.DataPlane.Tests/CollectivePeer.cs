@@ -6,14 +6,15 @@ namespace NcclSwap.DataPlane.Tests;
 /// <summary>
 /// One rank of a multi-process collective test, run in its own process. Scenarios:
 /// <c>exchange</c> runs a broadcast, an all-gather and a ring of paired sends and receives and writes what
-/// it received to a file; <c>stall</c> joins and then never takes part.
+/// it received to a file; <c>stall</c> joins and then never takes part. The backend is <c>host</c> or
+/// <c>cuda:N</c> (device N, NCCL), so the same rank runs in the CPU tests and in the GPU suite.
 /// </summary>
 internal static class CollectivePeer
 {
     public const string Role = "collective";
 
-    public static PeerProcess Start(string id, int rank, int size, int seed, int bytes, string scenario, string output) =>
-        PeerHost.Start(Role, id, $"{rank}", $"{size}", $"{seed}", $"{bytes}", scenario, output);
+    public static PeerProcess Start(string id, int rank, int size, int seed, int bytes, string scenario, string output, string backend = "host") =>
+        PeerHost.Start(Role, id, $"{rank}", $"{size}", $"{seed}", $"{bytes}", scenario, output, backend);
 
     public static int Run(string[] args)
     {
@@ -24,8 +25,11 @@ internal static class CollectivePeer
         int bytes = int.Parse(args[4], CultureInfo.InvariantCulture);
         string scenario = args[5];
         string output = args[6];
+        string kind = args[7];
 
-        using var backend = new HostBackend();
+        using IBackend backend = kind.StartsWith("cuda:", StringComparison.Ordinal)
+            ? new CudaBackend(int.Parse(kind["cuda:".Length..], CultureInfo.InvariantCulture))
+            : new HostBackend();
         using ICollective collective = backend.JoinCollective(id, rank, size, TimeSpan.FromSeconds(30));
         Console.WriteLine("joined");
         if (scenario == "stall")

@@ -107,4 +107,34 @@ public class NcclTests
         backend.Download(gathered, 0, back);
         Assert.Equal(next, back);
     }
+
+    [Fact]
+    public void Ranks_on_separate_gpus_in_separate_processes_exchange_exact_bytes()
+    {
+        Gpu.RequireNccl().Dispose();
+        int size = Math.Min(CudaDriver.DeviceCount, 8);
+        Assert.SkipWhen(size < 2, $"needs 2 GPUs for 2 NCCL ranks (NCCL refuses two ranks on one GPU); this machine has {size}");
+        int seed = TestData.NewSeed();
+        const int bytes = 64 * 1_048_576 + 7;
+        string id = "nccl:" + NcclLibrary.CreateUniqueId().ToHex(); // this process hosts NCCL's bootstrap root
+        string folder = Directory.CreateTempSubdirectory("nccl-swap-nccl-").FullName;
+        var peers = new List<PeerProcess>();
+        try
+        {
+            for (int rank = 0; rank < size; rank++)
+                peers.Add(DataPlane.Tests.CollectivePeer.Start(id, rank, size, seed, bytes, "exchange", Path.Combine(folder, $"rank{rank}"), $"cuda:{rank}"));
+            foreach (PeerProcess peer in peers)
+                Assert.True(peer.WaitForExit(TimeSpan.FromMinutes(3)) == 0, peer.ToString());
+            for (int rank = 0; rank < size; rank++)
+            {
+                byte[] got = File.ReadAllBytes(Path.Combine(folder, $"rank{rank}"));
+                Assert.True(DataPlane.Tests.CollectivePeer.Expected(rank, size, seed, bytes).AsSpan().SequenceEqual(got), $"rank {rank} of {size}, seed {seed}");
+            }
+        }
+        finally
+        {
+            peers.ForEach(p => p.Dispose());
+            Directory.Delete(folder, recursive: true);
+        }
+    }
 }
