@@ -24,52 +24,14 @@ public class HostBackendTests
     public void Stream_copies_pinned_to_device_to_device_to_pinned_in_order()
     {
         using var backend = new HostBackend();
-        const int size = 1_000_003;
-        byte[] data = TestData.Random(size, seed: 11);
-        PinnedBuffer staging = backend.PinnedPool.Rent(size);
-        PinnedBuffer result = backend.PinnedPool.Rent(size);
-        try
-        {
-            data.CopyTo(staging.Span);
-            result.Span.Fill(0xEE);
-            using IDeviceBuffer a = backend.Allocate(size);
-            using IDeviceBuffer b = backend.Allocate(size + 100);
-            using ICopyStream stream = backend.CreateStream();
-            using IDeviceEvent done = backend.CreateEvent();
-            stream.FillAsync(b, 0, size + 100, 0x77);
-            stream.CopyAsync(a, 0, staging, 0, size);
-            stream.CopyAsync(b, 50, a, 0, size);
-            stream.CopyAsync(result, 0, b, 50, size);
-            stream.Record(done);
-            stream.Wait(done);
-            stream.Synchronize();
-            Assert.True(done.IsComplete);
-            Assert.Equal(data, result.GetSpan(0, size).ToArray());
-            byte[] edges = new byte[50];
-            backend.Download(b, 0, edges);
-            Assert.All(edges, x => Assert.Equal(0x77, x));
-        }
-        finally
-        {
-            backend.PinnedPool.Return(staging);
-            backend.PinnedPool.Return(result);
-        }
+        BackendConformance.CopiesThroughStagingInStreamOrder(backend, 1_000_003, TestData.NewSeed());
     }
 
     [Fact]
     public void Out_of_range_copies_are_refused_and_change_nothing()
     {
         using var backend = new HostBackend();
-        using IDeviceBuffer buffer = backend.Allocate(100);
-        byte[] original = TestData.Random(100, seed: 5);
-        backend.Upload(original, buffer);
-        Assert.Throws<ArgumentOutOfRangeException>(() => backend.Upload(new byte[10], buffer, offset: 95));
-        using ICopyStream stream = backend.CreateStream();
-        using IDeviceBuffer other = backend.Allocate(50);
-        Assert.Throws<ArgumentOutOfRangeException>(() => stream.CopyAsync(other, 0, buffer, 60, 50));
-        byte[] after = new byte[100];
-        backend.Download(buffer, 0, after);
-        Assert.Equal(original, after);
+        BackendConformance.RefusesOutOfRangeCopiesAndChangesNothing(backend);
     }
 
     [Fact]

@@ -1,5 +1,5 @@
-using NcclSwap.Cuda;
 using NcclSwap.DataPlane;
+using NcclSwap.DataPlane.Tests;
 using NcclSwap.Testing;
 
 namespace NcclSwap.Gpu.Tests;
@@ -12,36 +12,14 @@ public class CudaBackendTests
         Gpu.RequireContext().Dispose();
         using var backend = new CudaBackend(0);
         Assert.Equal("cuda", backend.Kind);
-        const int size = 6_000_001;
-        byte[] data = TestData.Random(size, seed: 81);
-        PinnedBuffer staging = backend.PinnedPool.Rent(size);
-        PinnedBuffer result = backend.PinnedPool.Rent(size);
-        try
-        {
-            data.CopyTo(staging.GetSpan(0, size));
-            result.GetSpan(0, size).Fill(0xEE);
-            using IDeviceBuffer a = backend.Allocate(size);
-            using IDeviceBuffer b = backend.Allocate(size + 64);
-            using ICopyStream first = backend.CreateStream();
-            using ICopyStream second = backend.CreateStream();
-            using IDeviceEvent copied = backend.CreateEvent();
-            first.FillAsync(b, 0, 64, 0x33);
-            first.CopyAsync(a, 0, staging, 0, size);
-            first.CopyAsync(b, 64, a, 0, size);
-            first.Record(copied);
-            second.Wait(copied);
-            second.CopyAsync(result, 0, b, 64, size);
-            second.Synchronize();
-            Assert.True(copied.IsComplete);
-            Assert.True(data.AsSpan().SequenceEqual(result.GetSpan(0, size)));
-            byte[] head = new byte[64];
-            backend.Download(b, 0, head);
-            Assert.All(head, x => Assert.Equal(0x33, x));
-        }
-        finally
-        {
-            backend.PinnedPool.Return(staging);
-            backend.PinnedPool.Return(result);
-        }
+        BackendConformance.CopiesThroughStagingInStreamOrder(backend, 6_000_001, TestData.NewSeed());
+    }
+
+    [Fact]
+    public void Out_of_range_copies_are_refused_and_change_nothing()
+    {
+        Gpu.RequireContext().Dispose();
+        using var backend = new CudaBackend(0);
+        BackendConformance.RefusesOutOfRangeCopiesAndChangesNothing(backend);
     }
 }
