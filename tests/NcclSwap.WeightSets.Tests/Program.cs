@@ -1,0 +1,6 @@
+namespace NcclSwap.WeightSets.Tests;
+
+public static class Program
+{
+    public static int Main(string[] args) => Testing.PeerHost.Run(args, new Dictionary<string, Func<string[], int>>());
+}
