@@ -1,17 +1,19 @@
 using System.CommandLine;
 using NcclSwap.Agent.Doctor;
+using NcclSwap.Agent.Inspect;
 
 namespace NcclSwap.Agent;
 
 public static class Program
 {
-    public static int Main(string[] args) => BuildCommandLine(Console.Out).Parse(args).Invoke();
+    public static int Main(string[] args) => BuildCommandLine(Console.Out, Console.Error).Parse(args).Invoke();
 
-    internal static RootCommand BuildCommandLine(TextWriter output)
+    internal static RootCommand BuildCommandLine(TextWriter output, TextWriter error)
     {
         var root = new RootCommand("nccl-swap: moves new LLM weight versions from trainers to inference GPUs and switches engines over atomically.");
         root.Subcommands.Add(DoctorCommand.Create(output));
         root.Subcommands.Add(DoctorCommand.CreateIpcPeer(output));
+        root.Subcommands.Add(InspectCommand.Create(output, error));
         return root;
     }
 }

@@ -7,7 +7,7 @@ public class DoctorTests
     private static (int ExitCode, string Output) Run(params string[] args)
     {
         var output = new StringWriter();
-        int code = Program.BuildCommandLine(output).Parse(args).Invoke(new() { Output = output, Error = output });
+        int code = Program.BuildCommandLine(output, output).Parse(args).Invoke(new() { Output = output, Error = output });
         return (code, output.ToString());
     }
 
