@@ -68,7 +68,7 @@ internal static class InspectCommand
             return 0;
         }
 
-        int nameWidth = Math.Min(60, checkpoint.Tensors.Select(t => t.Name.Length).DefaultIfEmpty(4).Max());
+        int nameWidth = Math.Clamp(checkpoint.Tensors.Select(t => t.Name.Length).DefaultIfEmpty(0).Max(), 4, 60);
         output.WriteLine($"{"name".PadRight(nameWidth)}  {"dtype",-8} {"shape",-20} {"bytes",14}  file");
         foreach (TensorInfo t in checkpoint.Tensors)
             output.WriteLine($"{t.Name.PadRight(nameWidth)}  {t.Dtype.Name,-8} {t.ShapeText,-20} {t.Bytes.ToString("N0", CultureInfo.InvariantCulture),14}  {FileOf(t)}");
