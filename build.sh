@@ -5,8 +5,8 @@
 #   ./build.sh publish         the agent as one NativeAOT binary: artifacts/bin/nccl-swap
 #   ./build.sh gpu-test        package the GPU suite (self-contained, no .NET needed) and the agent into
 #                              artifacts/gpu/, for a GPU machine
-#   ./build.sh gpu-test DIR    on the GPU machine: run the suite packaged in DIR and `nccl-swap doctor --bench`,
-#                              logging to $OUT (or DIR/logs)
+#   ./build.sh gpu-test DIR    on the GPU machine: run `nccl-swap doctor --bench`, the suite packaged in DIR and
+#                              the GPU benchmarks of perf/ (digest, checkpoint load), logging to $OUT (or DIR/logs)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -44,11 +44,15 @@ case "${1:-}" in
       echo "== GPU test suite" | tee "$logs/gpu-tests.log"
       status=0
       "$work/suite/NcclSwap.Gpu.Tests" -noColor -reporter verbose 2>&1 | tee -a "$logs/gpu-tests.log" || status=$?
+      echo "== perf: gpu-digest, load" | tee "$logs/perf.log"
+      "$work/suite/NcclSwap.Perf" gpu-digest 8 2>&1 | tee -a "$logs/perf.log" || status=$?
+      "$work/suite/NcclSwap.Perf" load 8 8 2>&1 | tee -a "$logs/perf.log" || status=$?
       grep -E 'Total:|\[FAIL\]' "$logs/gpu-tests.log" || true
       exit $status
     fi
     rm -rf artifacts/gpu
     dotnet publish tests/NcclSwap.Gpu.Tests/NcclSwap.Gpu.Tests.csproj -c Release -r linux-x64 --self-contained -o artifacts/gpu/suite
+    dotnet publish perf/NcclSwap.Perf/NcclSwap.Perf.csproj -c Release -r linux-x64 --self-contained -o artifacts/gpu/suite
     tar -cJf artifacts/gpu/gpu-tests.tar.xz -C artifacts/gpu suite
     rm -rf artifacts/gpu/suite
     dotnet publish src/NcclSwap.Agent/NcclSwap.Agent.csproj -c Release -r linux-x64 -o artifacts/gpu/agent

@@ -19,12 +19,14 @@ public sealed class LoadedCheckpoint : IDisposable
 {
     private readonly PinnedBuffer?[] _buffers;
     private readonly Dictionary<string, int> _fileIndex;
+    private readonly Action<PinnedBuffer> _release;
 
-    internal LoadedCheckpoint(Checkpoint checkpoint, PinnedBuffer?[] buffers, TimeSpan elapsed)
+    internal LoadedCheckpoint(Checkpoint checkpoint, PinnedBuffer?[] buffers, TimeSpan elapsed, Action<PinnedBuffer> release)
     {
         Checkpoint = checkpoint;
         _buffers = buffers;
         Elapsed = elapsed;
+        _release = release;
         _fileIndex = checkpoint.Files.Select((f, i) => (f.Path, i)).ToDictionary(x => x.Path, x => x.i, StringComparer.Ordinal);
     }
 
@@ -59,10 +61,14 @@ public sealed class LoadedCheckpoint : IDisposable
         return Manifest.Create(entries);
     }
 
+    /// <summary>Gives the buffers back (to their pool, or frees them); idempotent.</summary>
     public void Dispose()
     {
-        foreach (PinnedBuffer? buffer in _buffers)
-            buffer?.Dispose();
+        for (int i = 0; i < _buffers.Length; i++)
+        {
+            if (Interlocked.Exchange(ref _buffers[i], null) is { } buffer)
+                _release(buffer);
+        }
     }
 }
 
@@ -74,12 +80,19 @@ public static class CheckpointLoader
 {
     public const int DefaultChunkBytes = 16 << 20;
 
-    /// <param name="allocate">Makes the pinned buffer for one file's data (e.g. <see cref="PinnedBuffer.Allocate"/>).</param>
+    /// <summary>Loads into buffers from <paramref name="pool"/>, which get back to it when the result is disposed.</summary>
+    public static LoadedCheckpoint Load(Checkpoint checkpoint, PinnedBufferPool pool,
+        IProgress<LoadProgress>? progress = null, int readers = 0, int chunkBytes = DefaultChunkBytes) =>
+        Load(checkpoint, pool.Rent, progress, readers, chunkBytes, pool.Return);
+
+    /// <param name="allocate">Makes the pinned buffer (of at least the given size) for one file's data, e.g. <see cref="PinnedBuffer.Allocate"/>.</param>
     /// <param name="progress">Told after every chunk.</param>
     /// <param name="readers">Concurrent reads; 0 for one per core, at least 4.</param>
+    /// <param name="release">What happens to a buffer when the result is disposed, or when the load fails; Dispose by default.</param>
     public static LoadedCheckpoint Load(Checkpoint checkpoint, Func<long, PinnedBuffer> allocate,
-        IProgress<LoadProgress>? progress = null, int readers = 0, int chunkBytes = DefaultChunkBytes)
+        IProgress<LoadProgress>? progress = null, int readers = 0, int chunkBytes = DefaultChunkBytes, Action<PinnedBuffer>? release = null)
     {
+        release ??= buffer => buffer.Dispose();
         var clock = Stopwatch.StartNew();
         var buffers = new PinnedBuffer?[checkpoint.Files.Count];
         var handles = new SafeFileHandle[checkpoint.Files.Count];
@@ -123,12 +136,13 @@ public static class CheckpointLoader
             {
                 System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(e.InnerExceptions[0]);
             }
-            return new LoadedCheckpoint(checkpoint, buffers, clock.Elapsed);
+            return new LoadedCheckpoint(checkpoint, buffers, clock.Elapsed, release);
         }
         catch
         {
             foreach (PinnedBuffer? buffer in buffers)
-                buffer?.Dispose();
+                if (buffer is not null)
+                    release(buffer);
             throw;
         }
         finally

@@ -1,0 +1,20 @@
+using BenchmarkDotNet.Running;
+using NcclSwap.Perf;
+
+// dotnet run -c Release --project perf/NcclSwap.Perf -- VERB
+//   cpu-digest            BenchmarkDotNet: block digest on one core, against a plain XXH64 of the same bytes
+//   gpu-digest [GiB]      GPU block digest against the device-to-device copy rate measured in the same run
+//   load [GiB] [shards]   checkpoint load into pinned memory against a plain sequential read of the same files
+return args.FirstOrDefault() switch
+{
+    "cpu-digest" => CpuDigest.Run(args[1..]),
+    "gpu-digest" => GpuDigestBenchmark.Run(args[1..]),
+    "load" => LoadBenchmark.Run(args[1..]),
+    _ => Usage(),
+};
+
+static int Usage()
+{
+    Console.Error.WriteLine("usage: NcclSwap.Perf cpu-digest [BenchmarkDotNet args] | gpu-digest [GiB] | load [GiB] [shards]");
+    return 2;
+}
