@@ -40,14 +40,19 @@ internal static class GpuDigestBenchmark
         using var check = PinnedBuffer.Allocate(context, bytes);
         stream.CopyAsync(check, 0, source, 0, bytes);
         stream.Synchronize();
-        var clock = System.Diagnostics.Stopwatch.StartNew();
-        Digest cpu = BlockDigest.Compute(check.Pointer, bytes);
-        double cpuSeconds = clock.Elapsed.TotalSeconds;
+        Digest cpu = default;
+        double cpuSeconds = double.MaxValue;
+        for (int run = 0; run < 3; run++) // the first run also JIT-compiles and tiers up the hashing code
+        {
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            cpu = BlockDigest.Compute(check.Pointer, bytes);
+            cpuSeconds = Math.Min(cpuSeconds, clock.Elapsed.TotalSeconds);
+        }
 
         Console.WriteLine($"{context.Device.Name}, {bytes / (double)(1L << 30):0.#} GiB of random bytes:");
         Console.WriteLine($"  {d2d}");
         Console.WriteLine($"  {gpu} = {gpu.BytesPerSecond / d2d.BytesPerSecond:0.00} x the D2D copy rate (aim: >= 1.6)");
-        Console.WriteLine($"  CPU digest of the same bytes, {Environment.ProcessorCount} cores: {bytes / cpuSeconds / 1e9:0.0} GB/s");
+        Console.WriteLine($"  CPU digest of the same bytes, {Environment.ProcessorCount} cores, best of 3: {bytes / cpuSeconds / 1e9:0.0} GB/s");
         Console.WriteLine($"  digest {result} on the GPU, {cpu} on the CPU: {(result == cpu ? "equal" : "DIFFERENT")}");
         return result == cpu ? 0 : 1;
     }
