@@ -1,0 +1,106 @@
+/*
+ * nccl-swap control-channel ABI, version 1: the layout of the shared-memory regions the agent shares with
+ * publishers and consumers. This header is the one definition; the C# structs (src/NcclSwap.ControlPlane/Abi)
+ * and the Python client (src/python/nccl_swap/abi.py) are checked against it, field by field, by tests that
+ * compile it.
+ *
+ * All integers are little-endian and naturally aligned. Regions are mapped shared (memfd or /dev/shm).
+ */
+#ifndef NCCL_SWAP_ABI_H
+#define NCCL_SWAP_ABI_H
+
+#include <stdint.h>
+
+#define NCCL_SWAP_ABI_VERSION 1u
+#define NCCL_SWAP_TABLE_MAGIC 0x315442544E535750ull /* "PWSNTBT1" little-endian: version table */
+#define NCCL_SWAP_RING_MAGIC 0x31474E524E535750ull  /* "PWSNRNG1": request or response ring */
+#define NCCL_SWAP_REQUEST_MAGIC 0x5152534Eu         /* "NSRQ" */
+#define NCCL_SWAP_RESPONSE_MAGIC 0x5352534Eu        /* "NSRS" */
+#define NCCL_SWAP_NAME_BYTES 64
+#define NCCL_SWAP_PAYLOAD_BYTES 96
+
+/*
+ * Version table: one row per weight set, written only by the agent, read by consumers.
+ *
+ * `state` is the one word a consumer loads each step: (version << 8) | (slot << 1) | 1, stored by the agent
+ * with a single release store after the version's bytes are staged, verified and (for flip) written to that
+ * slot. 0 means "no version yet". A consumer that sees a state different from the one it serves switches;
+ * nothing else in the row needs to be read on the fast path.
+ */
+typedef struct nccl_swap_version_entry {
+    uint64_t state;            /*   0: (version << 8) | (slot << 1) | 1, or 0 */
+    uint64_t last_good;        /*   8: the version rollback returns to, 0 if none */
+    uint64_t manifest_digest;  /*  16: block digest of the active version's manifest */
+    uint64_t activated_ns;     /*  24: CLOCK_MONOTONIC time of the last activation */
+    uint32_t flags;            /*  32: NCCL_SWAP_ENTRY_* */
+    uint32_t reserved0;        /*  36 */
+    char name[NCCL_SWAP_NAME_BYTES]; /* 40: weight-set name, UTF-8, NUL-padded */
+    uint8_t reserved1[24];     /* 104 */
+} nccl_swap_version_entry;     /* 128 bytes */
+
+#define NCCL_SWAP_ENTRY_IN_USE 0x1u
+#define NCCL_SWAP_ENTRY_PAUSED 0x2u
+
+typedef struct nccl_swap_version_table {
+    uint64_t magic;            /*  0: NCCL_SWAP_TABLE_MAGIC */
+    uint32_t abi_version;      /*  8: NCCL_SWAP_ABI_VERSION */
+    uint32_t capacity;         /* 12: number of entries that follow */
+    uint64_t generation;       /* 16: bumped when a row is added or removed */
+    uint64_t agent_pid;        /* 24 */
+    uint8_t reserved[32];      /* 32 */
+    /* 64: nccl_swap_version_entry entries[capacity]; */
+} nccl_swap_version_table;     /* 64 bytes */
+
+/*
+ * Ring: single producer, single consumer, fixed-size entries, capacity a power of two. `head` and `tail`
+ * count entries forever (they wrap at 2^32); entry i lives at index i & (capacity - 1). The producer writes
+ * the entry, then release-stores head + 1; the consumer acquire-loads head, reads, then release-stores
+ * tail + 1. A side that finds nothing to do sleeps on `doorbell` (futex) after raising `sleepers`; the
+ * other side bumps `doorbell` and wakes it when `sleepers` is non-zero.
+ */
+typedef struct nccl_swap_ring_header {
+    uint64_t magic;            /*   0: NCCL_SWAP_RING_MAGIC */
+    uint32_t abi_version;      /*   8 */
+    uint32_t capacity;         /*  12: entries, a power of two */
+    uint32_t entry_bytes;      /*  16 */
+    uint8_t pad0[44];          /*  20 */
+    uint32_t head;             /*  64: written by the producer only (own cache line) */
+    uint8_t pad1[60];          /*  68 */
+    uint32_t tail;             /* 128: written by the consumer only (own cache line) */
+    uint8_t pad2[60];          /* 132 */
+    uint32_t doorbell;         /* 192: futex word */
+    uint32_t sleepers;         /* 196: how many sides wait on the doorbell */
+    uint8_t pad3[56];          /* 200 */
+    /* 256: entries[capacity] of entry_bytes each */
+} nccl_swap_ring_header;       /* 256 bytes */
+
+enum nccl_swap_request_kind {
+    NCCL_SWAP_REQ_PING = 1,
+    NCCL_SWAP_REQ_PUBLISH = 2,
+    NCCL_SWAP_REQ_ACK = 3,
+    NCCL_SWAP_REQ_ROLLBACK = 4,
+    NCCL_SWAP_REQ_STATUS = 5,
+};
+
+typedef struct nccl_swap_request {
+    uint32_t magic;            /*  0: NCCL_SWAP_REQUEST_MAGIC */
+    uint16_t kind;             /*  4: nccl_swap_request_kind */
+    uint16_t flags;            /*  6 */
+    uint64_t id;               /*  8: the client's correlation id, echoed in the response */
+    uint64_t version;          /* 16 */
+    uint32_t weight_set;       /* 24: row of the version table */
+    uint32_t payload_bytes;    /* 28: bytes of payload in use */
+    uint8_t payload[NCCL_SWAP_PAYLOAD_BYTES]; /* 32 */
+} nccl_swap_request;           /* 128 bytes */
+
+typedef struct nccl_swap_response {
+    uint32_t magic;            /*  0: NCCL_SWAP_RESPONSE_MAGIC */
+    int32_t status;            /*  4: 0 success, negative errno-style codes otherwise */
+    uint64_t id;               /*  8: the request's id */
+    uint64_t version;          /* 16 */
+    uint32_t detail_bytes;     /* 24: bytes of detail in use */
+    uint32_t reserved;         /* 28 */
+    char detail[NCCL_SWAP_PAYLOAD_BYTES]; /* 32: UTF-8 message, e.g. why a request was refused */
+} nccl_swap_response;          /* 128 bytes */
+
+#endif /* NCCL_SWAP_ABI_H */

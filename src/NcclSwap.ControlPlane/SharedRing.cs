@@ -1,0 +1,208 @@
+using System.Diagnostics;
+using System.Numerics;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using NcclSwap.ControlPlane.Abi;
+
+namespace NcclSwap.ControlPlane;
+
+/// <summary>
+/// A single-producer single-consumer ring of fixed-size entries in shared memory (<c>nccl_swap_ring_header</c>).
+/// The producer writes an entry, then release-stores the head; the consumer acquire-loads the head, copies the
+/// entry out, then release-stores the tail. A side with nothing to do spins briefly, then sleeps on the futex
+/// doorbell, which the other side rings after every step.
+/// </summary>
+public sealed unsafe class SharedRing : IDisposable
+{
+    private const int SpinIterations = 200;
+    private readonly SharedRegion _region;
+
+    private SharedRing(SharedRegion region) => _region = region;
+
+    public string Path => _region.Path;
+
+    public int Capacity => (int)Header->Capacity;
+
+    public int EntryBytes => (int)Header->EntryBytes;
+
+    /// <summary>Entries written and not yet read.</summary>
+    public int Count => (int)(Volatile.Read(ref Header->Head) - Volatile.Read(ref Header->Tail));
+
+    private RingHeader* Header => (RingHeader*)_region.Pointer;
+
+    private byte* Slot(uint index) => _region.Pointer + sizeof(RingHeader) + (long)(index & (Header->Capacity - 1)) * Header->EntryBytes;
+
+    public static SharedRing Create(string path, int capacity, int entryBytes)
+    {
+        if (capacity <= 0 || !BitOperations.IsPow2(capacity))
+            throw new ArgumentException($"ring capacity {capacity} must be a positive power of two", nameof(capacity));
+        if (entryBytes <= 0 || entryBytes % 8 != 0)
+            throw new ArgumentException($"entry size {entryBytes} must be a positive multiple of 8", nameof(entryBytes));
+        var region = SharedRegion.Create(path, sizeof(RingHeader) + (long)capacity * entryBytes);
+        var header = (RingHeader*)region.Pointer;
+        header->AbiVersion = AbiConstants.AbiVersion;
+        header->Capacity = (uint)capacity;
+        header->EntryBytes = (uint)entryBytes;
+        Volatile.Write(ref header->Magic, AbiConstants.RingMagic);
+        return new SharedRing(region);
+    }
+
+    public static SharedRing Open(string path)
+    {
+        var region = SharedRegion.Open(path);
+        try
+        {
+            if (region.Length < sizeof(RingHeader))
+                throw new InvalidDataException($"{path}: {region.Length} bytes is too small for a ring header ({sizeof(RingHeader)})");
+            var header = (RingHeader*)region.Pointer;
+            if (Volatile.Read(ref header->Magic) != AbiConstants.RingMagic)
+                throw new InvalidDataException($"{path}: not an nccl-swap ring (magic 0x{header->Magic:x16})");
+            if (header->AbiVersion != AbiConstants.AbiVersion)
+                throw new InvalidDataException($"{path}: ABI version {header->AbiVersion}, this build speaks {AbiConstants.AbiVersion}");
+            if (header->Capacity == 0 || !BitOperations.IsPow2(header->Capacity) || header->EntryBytes == 0 || header->EntryBytes % 8 != 0
+                || region.Length < sizeof(RingHeader) + (long)header->Capacity * header->EntryBytes)
+                throw new InvalidDataException($"{path}: capacity {header->Capacity} × {header->EntryBytes} bytes does not fit its {region.Length}-byte file");
+            return new SharedRing(region);
+        }
+        catch
+        {
+            region.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The producer's side: appends <paramref name="entry"/> unless the ring is full.</summary>
+    public bool TryWrite(ReadOnlySpan<byte> entry)
+    {
+        CheckSize(entry.Length);
+        uint head = Header->Head; // only this side writes it
+        if (head - Volatile.Read(ref Header->Tail) >= Header->Capacity)
+            return false;
+        entry.CopyTo(new Span<byte>(Slot(head), EntryBytes));
+        Volatile.Write(ref Header->Head, head + 1);
+        Ring();
+        return true;
+    }
+
+    /// <summary>The consumer's side: takes the oldest entry, if any.</summary>
+    public bool TryRead(Span<byte> entry)
+    {
+        CheckSize(entry.Length);
+        uint tail = Header->Tail; // only this side writes it
+        if (Volatile.Read(ref Header->Head) == tail)
+            return false;
+        new ReadOnlySpan<byte>(Slot(tail), EntryBytes).CopyTo(entry);
+        Volatile.Write(ref Header->Tail, tail + 1);
+        Ring();
+        return true;
+    }
+
+    /// <summary>Appends, waiting for room at most <paramref name="timeout"/>; false if there was none.</summary>
+    public bool Write(ReadOnlySpan<byte> entry, TimeSpan timeout)
+    {
+        fixed (byte* e = entry)
+        {
+            nint pointer = (nint)e;
+            int length = entry.Length;
+            return WaitFor(() => TryWrite(new ReadOnlySpan<byte>((byte*)pointer, length)), timeout);
+        }
+    }
+
+    /// <summary>Takes the oldest entry, waiting for one at most <paramref name="timeout"/>; false if none came.</summary>
+    public bool Read(Span<byte> entry, TimeSpan timeout)
+    {
+        fixed (byte* e = entry)
+        {
+            nint pointer = (nint)e;
+            int length = entry.Length;
+            return WaitFor(() => TryRead(new Span<byte>((byte*)pointer, length)), timeout);
+        }
+    }
+
+    public bool TryWrite<T>(in T entry) where T : unmanaged => TryWrite(MemoryMarshal.AsBytes(new ReadOnlySpan<T>(in entry)));
+
+    public bool Write<T>(in T entry, TimeSpan timeout) where T : unmanaged => Write(MemoryMarshal.AsBytes(new ReadOnlySpan<T>(in entry)), timeout);
+
+    public bool Read<T>(out T entry, TimeSpan timeout) where T : unmanaged
+    {
+        entry = default;
+        return Read(MemoryMarshal.AsBytes(new Span<T>(ref entry)), timeout);
+    }
+
+    private bool WaitFor(Func<bool> attempt, TimeSpan timeout)
+    {
+        for (int i = 0; i < SpinIterations; i++)
+        {
+            if (attempt())
+                return true;
+            Thread.SpinWait(20);
+        }
+        var clock = Stopwatch.StartNew();
+        uint* doorbell = &Header->Doorbell;
+        while (true)
+        {
+            uint seen = Volatile.Read(ref *doorbell);
+            Interlocked.Increment(ref Header->Sleepers);
+            try
+            {
+                // Checked again after announcing the sleep: a step the other side took before it saw us is not missed.
+                if (attempt())
+                    return true;
+                TimeSpan left = timeout - clock.Elapsed;
+                if (left <= TimeSpan.Zero)
+                    return false;
+                Interop.Sys.Wait(doorbell, seen, left);
+            }
+            finally
+            {
+                Interlocked.Decrement(ref Header->Sleepers);
+            }
+        }
+    }
+
+    private void Ring()
+    {
+        Interlocked.Increment(ref Header->Doorbell);
+        if (Volatile.Read(ref Header->Sleepers) != 0)
+            Interop.Sys.WakeAll(&Header->Doorbell);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private void CheckSize(int length)
+    {
+        if (length != Header->EntryBytes)
+            throw new ArgumentException($"an entry of {Path} is {Header->EntryBytes} bytes, not {length}");
+    }
+
+    public void Dispose() => _region.Dispose();
+}
+
+/// <summary>Checks of ring entries received from a client: what is wrong with one, in words, or null.</summary>
+public static class Messages
+{
+    public static string? Validate(in Request request)
+    {
+        if (request.Magic != AbiConstants.RequestMagic)
+            return $"request magic 0x{request.Magic:x8} is not 0x{AbiConstants.RequestMagic:x8}";
+        if (!Enum.IsDefined((RequestKind)request.Kind))
+            return $"request kind {request.Kind} is unknown";
+        if (request.PayloadBytes > AbiConstants.PayloadBytes)
+            return $"request payload of {request.PayloadBytes} bytes exceeds {AbiConstants.PayloadBytes}";
+        return null;
+    }
+
+    public static Request NewRequest(RequestKind kind, ulong id, ulong version = 0, uint weightSet = 0) =>
+        new() { Magic = AbiConstants.RequestMagic, Kind = (ushort)kind, Id = id, Version = version, WeightSet = weightSet };
+
+    public static Response NewResponse(in Request request, int status, string? detail = null)
+    {
+        var response = new Response { Magic = AbiConstants.ResponseMagic, Status = status, Id = request.Id, Version = request.Version };
+        if (detail is not null)
+        {
+            // Truncated to the field at a character boundary.
+            System.Text.Unicode.Utf8.FromUtf16(detail, MemoryMarshal.AsBytes(new Span<PayloadBytes>(ref response.Detail)), out _, out int written);
+            response.DetailBytes = (uint)written;
+        }
+        return response;
+    }
+}

@@ -1,0 +1,132 @@
+using System.Diagnostics;
+using System.Runtime.CompilerServices;
+using System.Text;
+using NcclSwap.ControlPlane.Abi;
+
+namespace NcclSwap.ControlPlane;
+
+/// <summary>
+/// The version table (<c>nccl_swap_version_table</c>): one row per weight set, written by the agent alone.
+/// A consumer's per-step check is <see cref="ReadState"/>, one atomic 8-byte load; the agent publishes an
+/// activation with one release store of the packed (version, slot) word after everything else in the row.
+/// </summary>
+public sealed unsafe class VersionTable : IDisposable
+{
+    private readonly SharedRegion _region;
+
+    private VersionTable(SharedRegion region) => _region = region;
+
+    public string Path => _region.Path;
+
+    public int Capacity => (int)Header->Capacity;
+
+    private VersionTableHeader* Header => (VersionTableHeader*)_region.Pointer;
+
+    private VersionEntry* Entry(int row)
+    {
+        if ((uint)row >= (uint)Capacity)
+            throw new ArgumentOutOfRangeException(nameof(row), $"row {row} is not in [0, {Capacity}) of {Path}");
+        return (VersionEntry*)(_region.Pointer + sizeof(VersionTableHeader)) + row;
+    }
+
+    /// <summary>The agent's side: a new, empty table of <paramref name="capacity"/> rows.</summary>
+    public static VersionTable Create(string path, int capacity)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(capacity);
+        var region = SharedRegion.Create(path, sizeof(VersionTableHeader) + (long)capacity * sizeof(VersionEntry));
+        var header = (VersionTableHeader*)region.Pointer;
+        header->AbiVersion = AbiConstants.AbiVersion;
+        header->Capacity = (uint)capacity;
+        header->AgentPid = (ulong)Environment.ProcessId;
+        Volatile.Write(ref header->Magic, AbiConstants.TableMagic); // last: a reader that sees the magic sees the rest
+        return new VersionTable(region);
+    }
+
+    /// <summary>Maps an existing table, checking that it is one, of this ABI version and complete.</summary>
+    public static VersionTable Open(string path)
+    {
+        var region = SharedRegion.Open(path);
+        try
+        {
+            if (region.Length < sizeof(VersionTableHeader))
+                throw new InvalidDataException($"{path}: {region.Length} bytes is too small for a version table header ({sizeof(VersionTableHeader)})");
+            var header = (VersionTableHeader*)region.Pointer;
+            if (Volatile.Read(ref header->Magic) != AbiConstants.TableMagic)
+                throw new InvalidDataException($"{path}: not an nccl-swap version table (magic 0x{header->Magic:x16})");
+            if (header->AbiVersion != AbiConstants.AbiVersion)
+                throw new InvalidDataException($"{path}: ABI version {header->AbiVersion}, this build speaks {AbiConstants.AbiVersion}");
+            long needed = sizeof(VersionTableHeader) + (long)header->Capacity * sizeof(VersionEntry);
+            if (region.Length < needed)
+                throw new InvalidDataException($"{path}: {header->Capacity} rows need {needed} bytes, the file has {region.Length}");
+            return new VersionTable(region);
+        }
+        catch
+        {
+            region.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The agent's side: claims a free row for weight set <paramref name="name"/>.</summary>
+    public int Add(string name)
+    {
+        byte[] utf8 = Encoding.UTF8.GetBytes(name);
+        if (utf8.Length is 0 or >= AbiConstants.NameBytes)
+            throw new ArgumentException($"weight-set name '{name}' must be 1 to {AbiConstants.NameBytes - 1} UTF-8 bytes");
+        if (Find(name) >= 0)
+            throw new ArgumentException($"weight set '{name}' is already in {Path}");
+        for (int row = 0; row < Capacity; row++)
+        {
+            VersionEntry* entry = Entry(row);
+            if ((entry->Flags & AbiConstants.EntryInUse) != 0)
+                continue;
+            *entry = default;
+            utf8.CopyTo(new Span<byte>(Unsafe.AsPointer(ref entry->Name), AbiConstants.NameBytes));
+            Volatile.Write(ref entry->Flags, AbiConstants.EntryInUse);
+            Interlocked.Increment(ref Unsafe.AsRef<ulong>(&Header->Generation));
+            return row;
+        }
+        throw new InvalidOperationException($"{Path} is full: all {Capacity} rows are in use");
+    }
+
+    /// <summary>The row of weight set <paramref name="name"/>, or -1.</summary>
+    public int Find(string name)
+    {
+        for (int row = 0; row < Capacity; row++)
+            if ((Volatile.Read(ref Entry(row)->Flags) & AbiConstants.EntryInUse) != 0 && Name(row) == name)
+                return row;
+        return -1;
+    }
+
+    public string Name(int row)
+    {
+        var bytes = new ReadOnlySpan<byte>(Unsafe.AsPointer(ref Entry(row)->Name), AbiConstants.NameBytes);
+        int end = bytes.IndexOf((byte)0);
+        return Encoding.UTF8.GetString(end < 0 ? bytes : bytes[..end]);
+    }
+
+    /// <summary>
+    /// The agent's side: makes <paramref name="version"/> in <paramref name="slot"/> the active version of
+    /// <paramref name="row"/>. The previous active version becomes the last good one.
+    /// </summary>
+    public void Activate(int row, ulong version, int slot, ulong manifestDigest)
+    {
+        ArgumentOutOfRangeException.ThrowIfZero(version);
+        ulong state = VersionEntry.PackState(version, slot);
+        VersionEntry* entry = Entry(row);
+        ulong previous = Volatile.Read(ref entry->State);
+        if (previous != 0)
+            entry->LastGood = VersionEntry.UnpackState(previous).Version;
+        entry->ManifestDigest = manifestDigest;
+        entry->ActivatedNs = (ulong)Stopwatch.GetTimestamp();
+        Volatile.Write(ref entry->State, state); // the release store consumers synchronise with
+    }
+
+    /// <summary>The consumer's per-step check: one atomic load of the packed (version, slot) word.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public ulong ReadState(int row) => Volatile.Read(ref Entry(row)->State);
+
+    public VersionEntry ReadEntry(int row) => *Entry(row);
+
+    public void Dispose() => _region.Dispose();
+}
