@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, test and package nccl-swap.
 #
-#   ./build.sh test            all tests on this machine (GPU tests report as skipped where there is no GPU)
+#   ./build.sh test            all tests on this machine, C# and Python (GPU tests report as skipped where there is no GPU)
 #   ./build.sh publish         the agent as one NativeAOT binary: artifacts/bin/nccl-swap
 #   ./build.sh gpu-test        package the GPU suite (self-contained, no .NET needed) and the agent into
 #                              artifacts/gpu/, for a GPU machine
@@ -12,10 +12,17 @@ cd "$(dirname "$0")"
 
 usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 
-# Sums the per-project "Passed: N", "Failed: N", "Skipped: N" totals of dotnet test into one closing line.
+# Sums dotnet test's per-project "Passed: N", "Failed: N", "Skipped: N" and unittest's "Ran N tests" /
+# "OK (skipped=N)" / "FAILED (failures=N, errors=N)" into one closing line.
 summarize() {
   awk '/^ +(Passed|Failed|Skipped): [0-9]+$/ { n[$1] += $2 }
-       END { printf "tests: %d passed, %d failed, %d skipped\n", n["Passed:"], n["Failed:"], n["Skipped:"] }' "$1"
+       /^Ran [0-9]+ tests?/ { ran += $2 }
+       /^(OK|FAILED)( \(|$)/ {
+         if (match($0, /failures=[0-9]+/)) bad += substr($0, RSTART + 9, RLENGTH - 9)
+         if (match($0, /errors=[0-9]+/)) bad += substr($0, RSTART + 7, RLENGTH - 7)
+         if (match($0, /skipped=[0-9]+/)) skip += substr($0, RSTART + 8, RLENGTH - 8) }
+       END { printf "tests: %d passed, %d failed, %d skipped\n",
+               n["Passed:"] + ran - bad - skip, n["Failed:"] + bad, n["Skipped:"] + skip }' "$1"
 }
 
 case "${1:-}" in
@@ -23,6 +30,8 @@ case "${1:-}" in
     log=$(mktemp)
     status=0
     dotnet test nccl-swap.sln -c Release --logger "console;verbosity=normal" --blame-hang-timeout 10m 2>&1 | tee "$log" || status=$?
+    echo "== Python client (src/python, unittest)"
+    (cd src/python && python3 -m unittest discover -s tests -t . -v) 2>&1 | tee -a "$log" || status=$?
     summarize "$log"
     rm -f "$log"
     exit $status

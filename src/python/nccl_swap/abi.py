@@ -1,0 +1,110 @@
+"""The shared-memory layout: ctypes mirrors of native/include/nccl_swap_abi.h, the one definition.
+
+Field names are the header's; tests compile the header and check every offset and size.
+"""
+
+import ctypes
+import enum
+
+ABI_VERSION = 1
+TABLE_MAGIC = 0x315442544E535750
+RING_MAGIC = 0x31474E524E535750
+REQUEST_MAGIC = 0x5152534E
+RESPONSE_MAGIC = 0x5352534E
+NAME_BYTES = 64
+PAYLOAD_BYTES = 96
+ENTRY_IN_USE = 0x1
+ENTRY_PAUSED = 0x2
+
+
+class RequestKind(enum.IntEnum):
+    PING = 1
+    PUBLISH = 2
+    ACK = 3
+    ROLLBACK = 4
+    STATUS = 5
+
+
+class VersionEntry(ctypes.LittleEndianStructure):
+    """nccl_swap_version_entry: one weight set's row of the version table."""
+
+    _fields_ = [
+        ("state", ctypes.c_uint64),
+        ("last_good", ctypes.c_uint64),
+        ("manifest_digest", ctypes.c_uint64),
+        ("activated_ns", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("reserved0", ctypes.c_uint32),
+        ("name", ctypes.c_char * NAME_BYTES),
+        ("reserved1", ctypes.c_uint8 * 24),
+    ]
+
+
+class VersionTableHeader(ctypes.LittleEndianStructure):
+    """nccl_swap_version_table: the header; entries follow it."""
+
+    _fields_ = [
+        ("magic", ctypes.c_uint64),
+        ("abi_version", ctypes.c_uint32),
+        ("capacity", ctypes.c_uint32),
+        ("generation", ctypes.c_uint64),
+        ("agent_pid", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint8 * 32),
+    ]
+
+
+class RingHeader(ctypes.LittleEndianStructure):
+    """nccl_swap_ring_header: a single-producer single-consumer ring; entries follow it."""
+
+    _fields_ = [
+        ("magic", ctypes.c_uint64),
+        ("abi_version", ctypes.c_uint32),
+        ("capacity", ctypes.c_uint32),
+        ("entry_bytes", ctypes.c_uint32),
+        ("pad0", ctypes.c_uint8 * 44),
+        ("head", ctypes.c_uint32),
+        ("pad1", ctypes.c_uint8 * 60),
+        ("tail", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint8 * 60),
+        ("doorbell", ctypes.c_uint32),
+        ("sleepers", ctypes.c_uint32),
+        ("pad3", ctypes.c_uint8 * 56),
+    ]
+
+
+class Request(ctypes.LittleEndianStructure):
+    """nccl_swap_request."""
+
+    _fields_ = [
+        ("magic", ctypes.c_uint32),
+        ("kind", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
+        ("id", ctypes.c_uint64),
+        ("version", ctypes.c_uint64),
+        ("weight_set", ctypes.c_uint32),
+        ("payload_bytes", ctypes.c_uint32),
+        ("payload", ctypes.c_uint8 * PAYLOAD_BYTES),
+    ]
+
+
+class Response(ctypes.LittleEndianStructure):
+    """nccl_swap_response."""
+
+    _fields_ = [
+        ("magic", ctypes.c_uint32),
+        ("status", ctypes.c_int32),
+        ("id", ctypes.c_uint64),
+        ("version", ctypes.c_uint64),
+        ("detail_bytes", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("detail", ctypes.c_char * PAYLOAD_BYTES),
+    ]
+
+
+STRUCTS = {
+    "nccl_swap_version_entry": VersionEntry,
+    "nccl_swap_version_table": VersionTableHeader,
+    "nccl_swap_ring_header": RingHeader,
+    "nccl_swap_request": Request,
+    "nccl_swap_response": Response,
+}
