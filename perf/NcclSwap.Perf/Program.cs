@@ -5,16 +5,21 @@ using NcclSwap.Perf;
 //   cpu-digest            BenchmarkDotNet: block digest on one core, against a plain XXH64 of the same bytes
 //   gpu-digest [GiB]      GPU block digest against the device-to-device copy rate measured in the same run
 //   load [GiB] [shards]   checkpoint load into pinned memory against a plain sequential read of the same files
+//   channel [count]       control-channel round trip (request ring → another process → response ring), p50/p99
+//   version-check         BenchmarkDotNet: the consumer's per-step version-table load
 return args.FirstOrDefault() switch
 {
     "cpu-digest" => CpuDigest.Run(args[1..]),
     "gpu-digest" => GpuDigestBenchmark.Run(args[1..]),
     "load" => LoadBenchmark.Run(args[1..]),
+    "channel" => ChannelBenchmark.Run(args[1..]),
+    ChannelBenchmark.ResponderVerb => ChannelBenchmark.Respond(args[1..]),
+    "version-check" => VersionCheck.Run(args[1..]),
     _ => Usage(),
 };
 
 static int Usage()
 {
-    Console.Error.WriteLine("usage: NcclSwap.Perf cpu-digest [BenchmarkDotNet args] | gpu-digest [GiB] | load [GiB] [shards]");
+    Console.Error.WriteLine("usage: NcclSwap.Perf cpu-digest [BenchmarkDotNet args] | gpu-digest [GiB] | load [GiB] [shards] | channel [count] | version-check");
     return 2;
 }
