@@ -6,7 +6,8 @@ CUDA IPC) comes with the co-located GPU path.
 """
 
 from .abi import ABI_VERSION, RequestKind
+from .channel import RefusedError, Session, connect
 from .ring import SharedRing
 from .version_table import VersionTable, pack_state, unpack_state
 
-__all__ = ["ABI_VERSION", "RequestKind", "SharedRing", "VersionTable", "pack_state", "unpack_state"]
+__all__ = ["ABI_VERSION", "RefusedError", "RequestKind", "Session", "connect", "SharedRing", "VersionTable", "pack_state", "unpack_state"]

@@ -1,0 +1,171 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using System.Text;
+using System.Text.Json;
+using NcclSwap.ControlPlane.Abi;
+
+namespace NcclSwap.ControlPlane.Tests;
+
+public sealed class FrontDoorTests : IAsyncDisposable
+{
+    private readonly string _folder = Directory.CreateTempSubdirectory("nccl-swap-door-").FullName;
+    private readonly VersionTable _table;
+
+    public FrontDoorTests() => _table = VersionTable.Create(Path.Combine(_folder, "table"), 4);
+
+    private static (uint Uid, uint Gid) Me()
+    {
+        string[] lines = File.ReadAllLines("/proc/self/status");
+        uint Field(string name) => uint.Parse(lines.First(l => l.StartsWith(name, StringComparison.Ordinal)).Split('\t', StringSplitOptions.RemoveEmptyEntries)[1]);
+        return (Field("Uid:"), Field("Gid:"));
+    }
+
+    private FrontDoor Open(Role granted)
+    {
+        var policy = new RolePolicy();
+        policy.Users[Me().Uid] = granted;
+        return new FrontDoor(Path.Combine(_folder, "agent.sock"), _folder, _table.Path, policy);
+    }
+
+    private static (Socket Socket, JsonDocument Reply) Hello(FrontDoor door, string hello)
+    {
+        var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        socket.Connect(new UnixDomainSocketEndPoint(door.SocketPath));
+        socket.Send(Encoding.UTF8.GetBytes(hello));
+        var reply = new List<byte>();
+        byte[] buffer = new byte[4096];
+        socket.ReceiveTimeout = 10_000;
+        while (!reply.Contains((byte)'\n'))
+        {
+            int read = socket.Receive(buffer);
+            Assert.True(read > 0, "the agent closed the connection without an answer");
+            reply.AddRange(buffer[..read]);
+        }
+        return (socket, JsonDocument.Parse(reply.ToArray()));
+    }
+
+    private string[] SessionFiles() => Directory.GetFiles(_folder, "session-*");
+
+    [Fact]
+    public async Task A_granted_client_gets_private_rings_that_vanish_with_its_connection()
+    {
+        await using FrontDoor door = Open(Role.Consumer | Role.Publisher);
+        var ended = new TaskCompletionSource<SessionInfo>();
+        door.SessionChanged += (info, started) => { if (!started) ended.TrySetResult(info); };
+        (Socket socket, JsonDocument reply) = Hello(door, "{\"role\": \"consumer\", \"weight_set\": \"llama\"}\n");
+        using (reply)
+        {
+            Assert.True(reply.RootElement.GetProperty("ok").GetBoolean(), reply.RootElement.ToString());
+            Assert.Equal("consumer", reply.RootElement.GetProperty("role").GetString());
+            Assert.Equal(_table.Path, reply.RootElement.GetProperty("table").GetString());
+            string requests = reply.RootElement.GetProperty("requests").GetString()!;
+            Assert.Equal(UnixFileMode.UserRead | UnixFileMode.UserWrite, File.GetUnixFileMode(requests));
+            using (SharedRing ring = SharedRing.Open(requests))
+                Assert.Equal(Marshal.SizeOf<Request>(), ring.EntryBytes);
+
+            SessionInfo session = Assert.Single(door.Sessions);
+            Assert.Equal(Environment.ProcessId, session.Peer.Pid); // from the kernel, not from the hello
+            Assert.Equal(Me().Uid, session.Peer.Uid);
+            Assert.Equal("llama", session.WeightSet);
+            Assert.Equal(2, SessionFiles().Length);
+        }
+        socket.Dispose(); // the client goes away
+        SessionInfo gone = await ended.Task.WaitAsync(TimeSpan.FromSeconds(10), TestContext.Current.CancellationToken);
+        Assert.Equal(Role.Consumer, gone.Role);
+        Assert.Empty(door.Sessions);
+        Assert.Empty(SessionFiles());
+    }
+
+    [Theory]
+    [InlineData("{\"role\": \"publisher\", \"weight_set\": \"llama\"}\n", "may not act as publisher (granted: Consumer)")]
+    [InlineData("{\"role\": \"root\", \"weight_set\": \"llama\"}\n", "unknown role 'root'")]
+    [InlineData("{\"role\": \"consumer\"}\n", "weight_set must be a name")]
+    [InlineData("hello agent\n", "the hello is not JSON")]
+    [InlineData("[1, 2]\n", "must be a JSON object")]
+    public async Task Refused_clients_are_told_why_audited_and_given_nothing(string hello, string reason)
+    {
+        await using FrontDoor door = Open(Role.Consumer);
+        var refusals = new List<Refusal>();
+        door.Refused += r => { lock (refusals) refusals.Add(r); };
+        (Socket socket, JsonDocument reply) = Hello(door, hello);
+        using (socket)
+        using (reply)
+        {
+            Assert.False(reply.RootElement.GetProperty("ok").GetBoolean());
+            Assert.Contains(reason, reply.RootElement.GetProperty("error").GetString());
+        }
+        Assert.Empty(door.Sessions);
+        Assert.Empty(SessionFiles());
+        var clock = Stopwatch.StartNew();
+        while (refusals.Count == 0 && clock.Elapsed < TimeSpan.FromSeconds(5))
+            await Task.Delay(10, TestContext.Current.CancellationToken);
+        Refusal refusal = Assert.Single(refusals);
+        Assert.Equal(Environment.ProcessId, refusal.Peer.Pid);
+        Assert.Contains(reason, refusal.Reason);
+    }
+
+    [Fact]
+    public async Task An_overlong_hello_is_refused()
+    {
+        await using FrontDoor door = Open(Role.Consumer);
+        (Socket socket, JsonDocument reply) = Hello(door, new string('x', FrontDoor.MaxHelloBytes + 10));
+        using (socket)
+        using (reply)
+            Assert.Contains("longer than 4096 bytes", reply.RootElement.GetProperty("error").GetString());
+        Assert.Empty(SessionFiles());
+    }
+
+    [Fact]
+    public async Task The_python_client_connects_and_its_request_reaches_the_agent()
+    {
+        await using FrontDoor door = Open(Role.Publisher);
+        int row = _table.Add("llama");
+        _table.Activate(row, 9, 1, 0);
+        string python = Path.GetFullPath(Path.Combine(Path.GetDirectoryName(NativeLayout.HeaderPath)!, "..", "..", "src", "python"));
+        const string script = """
+            import sys
+            from nccl_swap import connect, abi, unpack_state, RefusedError
+            try:
+                connect("consumer", "llama", sys.argv[1])
+            except RefusedError as e:
+                print("refused:", e, flush=True)
+            with connect("publisher", "llama", sys.argv[1]) as session:
+                print("state", *unpack_state(session.table.state(session.table.find("llama"))), flush=True)
+                request = abi.Request(magic=abi.REQUEST_MAGIC, kind=abi.RequestKind.PING, id=77)
+                assert session.requests.write(bytes(request), timeout=10)
+                print("sent", flush=True)
+                sys.stdin.readline()
+            """;
+        var start = new ProcessStartInfo("python3", ["-c", script, door.SocketPath]) { RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
+        start.Environment["PYTHONPATH"] = python;
+        using Process client = Process.Start(start)!;
+        string? line;
+        var lines = new List<string>();
+        while ((line = client.StandardOutput.ReadLine()) is not null && line != "sent")
+            lines.Add(line);
+        if (line != "sent")
+            Assert.Fail($"python: {string.Join(" | ", lines)} {client.StandardError.ReadToEnd()}");
+        Assert.Contains(lines, l => l.StartsWith("refused:", StringComparison.Ordinal) && l.Contains("may not act as consumer"));
+        Assert.Contains("state 9 1", lines);
+
+        SessionInfo session = Assert.Single(door.Sessions);
+        using (SharedRing requests = SharedRing.Open(session.RequestsPath))
+        {
+            Assert.True(requests.Read(out Request request, TimeSpan.FromSeconds(10)));
+            Assert.Null(Messages.Validate(request));
+            Assert.Equal(77UL, request.Id);
+            Assert.Equal((ushort)RequestKind.Ping, request.Kind);
+        }
+        client.StandardInput.WriteLine();
+        client.WaitForExit();
+        Assert.Equal(0, client.ExitCode);
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        _table.Dispose();
+        await Task.Yield();
+        Directory.Delete(_folder, recursive: true);
+    }
+}
