@@ -41,6 +41,8 @@ public readonly record struct Refusal(PeerIdentity Peer, string Request, string 
 /// peer's kernel identity against the policy and answers with its private request and response rings
 /// (mode 0600 files beside the version table). The connection stays open as the client's lease: when it
 /// closes, for whatever reason, the session's rings are removed.
+/// The rings are handed over by path, which works where agent and clients share a uid; for clients of
+/// other uids they are to travel as memfd descriptors over the socket (SCM_RIGHTS), as DESIGN.md says.
 /// </summary>
 public sealed class FrontDoor : IAsyncDisposable
 {
@@ -52,6 +54,7 @@ public sealed class FrontDoor : IAsyncDisposable
     private readonly CancellationTokenSource _stop = new();
     private readonly Task _accepting;
     private readonly Dictionary<long, Session> _sessions = [];
+    private readonly List<Task> _serving = [];
     private readonly Lock _lock = new();
     private long _nextSession;
 
@@ -62,7 +65,18 @@ public sealed class FrontDoor : IAsyncDisposable
         TablePath = tablePath;
         _policy = policy;
         if (File.Exists(socketPath))
-            File.Delete(socketPath); // a stale socket of a previous agent
+        {
+            using var probe = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+            try
+            {
+                probe.Connect(new UnixDomainSocketEndPoint(socketPath));
+                throw new InvalidOperationException($"{socketPath}: another agent is listening there");
+            }
+            catch (SocketException)
+            {
+                File.Delete(socketPath); // a stale socket of an agent that is gone
+            }
+        }
         _listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         _listener.Bind(new UnixDomainSocketEndPoint(socketPath));
         File.SetUnixFileMode(socketPath, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead | UnixFileMode.GroupWrite);
@@ -104,7 +118,11 @@ public sealed class FrontDoor : IAsyncDisposable
             {
                 return;
             }
-            _ = Task.Run(() => Serve(client));
+            lock (_lock)
+            {
+                _serving.RemoveAll(t => t.IsCompleted);
+                _serving.Add(Task.Run(() => Serve(client)));
+            }
         }
     }
 
@@ -278,11 +296,16 @@ public sealed class FrontDoor : IAsyncDisposable
         }
     }
 
+    /// <summary>Stops accepting, ends every session (removing its rings) and removes the socket.</summary>
     public async ValueTask DisposeAsync()
     {
         _stop.Cancel();
         _listener.Dispose();
         await _accepting;
+        Task[] serving;
+        lock (_lock)
+            serving = [.. _serving];
+        await Task.WhenAll(serving);
         File.Delete(SocketPath);
     }
 

@@ -106,6 +106,25 @@ public sealed class FrontDoorTests : IAsyncDisposable
     }
 
     [Fact]
+    public async Task A_second_agent_cannot_take_a_live_socket_and_stopping_ends_every_session()
+    {
+        FrontDoor door = Open(Role.Consumer);
+        var e = Assert.Throws<InvalidOperationException>(() => Open(Role.Consumer));
+        Assert.Contains("another agent is listening", e.Message);
+        (Socket socket, JsonDocument reply) = Hello(door, "{\"role\": \"consumer\", \"weight_set\": \"llama\"}\n");
+        using (socket)
+        using (reply)
+        {
+            Assert.True(reply.RootElement.GetProperty("ok").GetBoolean());
+            Assert.Equal(2, SessionFiles().Length);
+            await door.DisposeAsync();
+            Assert.Empty(SessionFiles());
+            Assert.False(File.Exists(door.SocketPath));
+        }
+        await using FrontDoor next = Open(Role.Consumer); // the socket is free again
+    }
+
+    [Fact]
     public async Task An_overlong_hello_is_refused()
     {
         await using FrontDoor door = Open(Role.Consumer);
