@@ -37,6 +37,34 @@ internal sealed unsafe class SharedRegion : IDisposable
     /// <summary>Maps an existing file whole.</summary>
     public static SharedRegion Open(string path) => Map(path, new FileInfo(path).Length);
 
+    /// <summary>
+    /// Maps an existing region of the ABI and checks what every such region starts with (an 8-byte magic, then
+    /// the 4-byte ABI version), then the rest with <paramref name="validate"/> (null when fine, else what is wrong).
+    /// </summary>
+    public static SharedRegion Open(string path, int headerBytes, ulong magic, string what, Func<SharedRegion, string?> validate)
+    {
+        SharedRegion region = Open(path);
+        try
+        {
+            if (region.Length < headerBytes)
+                throw new InvalidDataException($"{path}: {region.Length} bytes is too small for {what} header ({headerBytes})");
+            ulong found = Volatile.Read(ref *(ulong*)region.Pointer);
+            if (found != magic)
+                throw new InvalidDataException($"{path}: not an nccl-swap {what} (magic 0x{found:x16})");
+            uint version = *(uint*)(region.Pointer + 8);
+            if (version != Abi.AbiConstants.AbiVersion)
+                throw new InvalidDataException($"{path}: ABI version {version}, this build speaks {Abi.AbiConstants.AbiVersion}");
+            if (validate(region) is { } problem)
+                throw new InvalidDataException($"{path}: {problem}");
+            return region;
+        }
+        catch
+        {
+            region.Dispose();
+            throw;
+        }
+    }
+
     private static SharedRegion Map(string path, long length)
     {
         var stream = new FileStream(path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite);

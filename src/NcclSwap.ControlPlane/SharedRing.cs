@@ -47,29 +47,14 @@ public sealed unsafe class SharedRing : IDisposable
         return new SharedRing(region);
     }
 
-    public static SharedRing Open(string path)
-    {
-        var region = SharedRegion.Open(path);
-        try
+    public static SharedRing Open(string path) =>
+        new(SharedRegion.Open(path, sizeof(RingHeader), AbiConstants.RingMagic, "ring", region =>
         {
-            if (region.Length < sizeof(RingHeader))
-                throw new InvalidDataException($"{path}: {region.Length} bytes is too small for a ring header ({sizeof(RingHeader)})");
             var header = (RingHeader*)region.Pointer;
-            if (Volatile.Read(ref header->Magic) != AbiConstants.RingMagic)
-                throw new InvalidDataException($"{path}: not an nccl-swap ring (magic 0x{header->Magic:x16})");
-            if (header->AbiVersion != AbiConstants.AbiVersion)
-                throw new InvalidDataException($"{path}: ABI version {header->AbiVersion}, this build speaks {AbiConstants.AbiVersion}");
-            if (header->Capacity == 0 || !BitOperations.IsPow2(header->Capacity) || header->EntryBytes == 0 || header->EntryBytes % 8 != 0
-                || region.Length < sizeof(RingHeader) + (long)header->Capacity * header->EntryBytes)
-                throw new InvalidDataException($"{path}: capacity {header->Capacity} × {header->EntryBytes} bytes does not fit its {region.Length}-byte file");
-            return new SharedRing(region);
-        }
-        catch
-        {
-            region.Dispose();
-            throw;
-        }
-    }
+            bool fits = header->Capacity != 0 && BitOperations.IsPow2(header->Capacity) && header->EntryBytes != 0 && header->EntryBytes % 8 == 0
+                && region.Length >= sizeof(RingHeader) + (long)header->Capacity * header->EntryBytes;
+            return fits ? null : $"capacity {header->Capacity} × {header->EntryBytes} bytes does not fit its {region.Length}-byte file";
+        }));
 
     /// <summary>The producer's side: appends <paramref name="entry"/> unless the ring is full.</summary>
     public bool TryWrite(ReadOnlySpan<byte> entry)

@@ -43,29 +43,13 @@ public sealed unsafe class VersionTable : IDisposable
     }
 
     /// <summary>Maps an existing table, checking that it is one, of this ABI version and complete.</summary>
-    public static VersionTable Open(string path)
-    {
-        var region = SharedRegion.Open(path);
-        try
+    public static VersionTable Open(string path) =>
+        new(SharedRegion.Open(path, sizeof(VersionTableHeader), AbiConstants.TableMagic, "version table", region =>
         {
-            if (region.Length < sizeof(VersionTableHeader))
-                throw new InvalidDataException($"{path}: {region.Length} bytes is too small for a version table header ({sizeof(VersionTableHeader)})");
-            var header = (VersionTableHeader*)region.Pointer;
-            if (Volatile.Read(ref header->Magic) != AbiConstants.TableMagic)
-                throw new InvalidDataException($"{path}: not an nccl-swap version table (magic 0x{header->Magic:x16})");
-            if (header->AbiVersion != AbiConstants.AbiVersion)
-                throw new InvalidDataException($"{path}: ABI version {header->AbiVersion}, this build speaks {AbiConstants.AbiVersion}");
-            long needed = sizeof(VersionTableHeader) + (long)header->Capacity * sizeof(VersionEntry);
-            if (region.Length < needed)
-                throw new InvalidDataException($"{path}: {header->Capacity} rows need {needed} bytes, the file has {region.Length}");
-            return new VersionTable(region);
-        }
-        catch
-        {
-            region.Dispose();
-            throw;
-        }
-    }
+            uint capacity = ((VersionTableHeader*)region.Pointer)->Capacity;
+            long needed = sizeof(VersionTableHeader) + (long)capacity * sizeof(VersionEntry);
+            return region.Length < needed ? $"{capacity} rows need {needed} bytes, the file has {region.Length}" : null;
+        }));
 
     /// <summary>The agent's side: claims a free row for weight set <paramref name="name"/>.</summary>
     public int Add(string name)
