@@ -38,11 +38,10 @@ public readonly record struct Refusal(PeerIdentity Peer, string Request, string 
 
 /// <summary>
 /// The agent's front door: a Unix socket where a client says which role it wants, the agent checks the
-/// peer's kernel identity against the policy and answers with its private request and response rings
-/// (mode 0600 files beside the version table). The connection stays open as the client's lease: when it
-/// closes, for whatever reason, the session's rings are removed.
-/// The rings are handed over by path, which works where agent and clients share a uid; for clients of
-/// other uids they are to travel as memfd descriptors over the socket (SCM_RIGHTS), as DESIGN.md says.
+/// peer's kernel identity against the policy and answers with a line of JSON that carries, as SCM_RIGHTS
+/// descriptors, a read-only descriptor of the version table and the session's private request and response
+/// rings (anonymous memfds: nothing on disk, nothing another user can open). The connection stays open as the
+/// client's lease: when it closes, for whatever reason, the agent drops the session's rings.
 /// </summary>
 public sealed class FrontDoor : IAsyncDisposable
 {
@@ -58,10 +57,9 @@ public sealed class FrontDoor : IAsyncDisposable
     private readonly Lock _lock = new();
     private long _nextSession;
 
-    public FrontDoor(string socketPath, string regionFolder, string tablePath, RolePolicy policy)
+    public FrontDoor(string socketPath, string tablePath, RolePolicy policy)
     {
         SocketPath = socketPath;
-        RegionFolder = regionFolder;
         TablePath = tablePath;
         _policy = policy;
         if (File.Exists(socketPath))
@@ -86,8 +84,6 @@ public sealed class FrontDoor : IAsyncDisposable
 
     public string SocketPath { get; }
 
-    public string RegionFolder { get; }
-
     public string TablePath { get; }
 
     /// <summary>Raised for every refused client, on a background thread.</summary>
@@ -102,6 +98,18 @@ public sealed class FrontDoor : IAsyncDisposable
         {
             lock (_lock)
                 return _sessions.Values.Select(s => s.Info).ToList();
+        }
+    }
+
+    /// <summary>The agent's ends of session <paramref name="id"/>'s rings: it reads requests and writes responses.</summary>
+    public bool TryGetRings(long id, out SharedRing requests, out SharedRing responses)
+    {
+        lock (_lock)
+        {
+            bool found = _sessions.TryGetValue(id, out Session? session);
+            requests = session?.Requests!;
+            responses = session?.Responses!;
+            return found;
         }
     }
 
@@ -143,7 +151,9 @@ public sealed class FrontDoor : IAsyncDisposable
                 if ((granted & role) == 0)
                     throw new RefusedException($"{peer} may not act as {role.ToString().ToLowerInvariant()} (granted: {granted})");
                 session = Open(peer, role, weightSet);
-                await Send(client, Encoding.UTF8.GetBytes(Reply(session.Info)), _stop.Token);
+                using (var table = File.OpenHandle(TablePath, FileMode.Open, FileAccess.Read, FileShare.ReadWrite))
+                    FdPassing.Send(client, Encoding.UTF8.GetBytes(Reply(session.Info)),
+                        [(int)table.DangerousGetHandle(), session.Requests.Descriptor, session.Responses.Descriptor]);
                 SessionChanged?.Invoke(session.Info, true);
 
                 // The lease: the session lives until the client closes its end (or dies).
@@ -172,12 +182,9 @@ public sealed class FrontDoor : IAsyncDisposable
     private Session Open(PeerIdentity peer, Role role, string weightSet)
     {
         long id = Interlocked.Increment(ref _nextSession);
-        string prefix = Path.Combine(RegionFolder, $"session-{id}");
         int entryBytes = Marshal.SizeOf<Request>();
-        var requests = SharedRing.Create(prefix + "-requests", RingCapacity, entryBytes);
-        var responses = SharedRing.Create(prefix + "-responses", RingCapacity, entryBytes);
-        foreach (string file in new[] { requests.Path, responses.Path })
-            File.SetUnixFileMode(file, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        var requests = SharedRing.CreateAnonymous($"nccl-swap-session-{id}-requests", RingCapacity, entryBytes);
+        var responses = SharedRing.CreateAnonymous($"nccl-swap-session-{id}-responses", RingCapacity, entryBytes);
         var session = new Session(new SessionInfo(id, peer, role, weightSet, requests.Path, responses.Path), requests, responses);
         lock (_lock)
             _sessions.Add(id, session);
@@ -190,8 +197,6 @@ public sealed class FrontDoor : IAsyncDisposable
             _sessions.Remove(session.Info.Id);
         session.Requests.Dispose();
         session.Responses.Dispose();
-        File.Delete(session.Info.RequestsPath);
-        File.Delete(session.Info.ResponsesPath);
         SessionChanged?.Invoke(session.Info, false);
     }
 
@@ -205,8 +210,11 @@ public sealed class FrontDoor : IAsyncDisposable
             writer.WriteNumber("session", info.Id);
             writer.WriteString("role", info.Role.ToString().ToLowerInvariant());
             writer.WriteString("table", TablePath);
-            writer.WriteString("requests", info.RequestsPath);
-            writer.WriteString("responses", info.ResponsesPath);
+            writer.WriteStartArray("descriptors"); // the order of the SCM_RIGHTS descriptors sent with this line
+            writer.WriteStringValue("table");
+            writer.WriteStringValue("requests");
+            writer.WriteStringValue("responses");
+            writer.WriteEndArray();
             writer.WriteNumber("entry_bytes", Marshal.SizeOf<Request>());
             writer.WriteEndObject();
         }
@@ -279,7 +287,7 @@ public sealed class FrontDoor : IAsyncDisposable
         }
     }
 
-    private static async Task Send(Socket client, byte[] bytes, CancellationToken cancel)
+    internal static async Task Send(Socket client, byte[] bytes, CancellationToken cancel)
     {
         for (int sent = 0; sent < bytes.Length;)
             sent += await client.SendAsync(bytes.AsMemory(sent), SocketFlags.None, cancel);
@@ -314,5 +322,5 @@ public sealed class FrontDoor : IAsyncDisposable
     private sealed class RefusedException(string message) : Exception(message);
 }
 
-/// <summary>One connected client.</summary>
-public sealed record SessionInfo(long Id, PeerIdentity Peer, Role Role, string WeightSet, string RequestsPath, string ResponsesPath);
+/// <summary>One connected client; its rings are named as they appear in /proc/PID/fd (memfd:…).</summary>
+public sealed record SessionInfo(long Id, PeerIdentity Peer, Role Role, string WeightSet, string RequestsName, string ResponsesName);

@@ -1,20 +1,28 @@
 using System.IO.MemoryMappedFiles;
+using System.Runtime.InteropServices;
+using Microsoft.Win32.SafeHandles;
 
 namespace NcclSwap.ControlPlane;
 
-/// <summary>A file (normally under /dev/shm) mapped shared and read-write into this process, as a raw pointer.</summary>
+/// <summary>
+/// Shared memory mapped into this process as a raw pointer: a file (under /dev/shm, say), or an anonymous memfd
+/// whose descriptor is handed to other processes over the front door's socket.
+/// </summary>
 internal sealed unsafe class SharedRegion : IDisposable
 {
     private readonly MemoryMappedFile _file;
     private readonly MemoryMappedViewAccessor _view;
+    private readonly FileStream? _descriptor;
     private int _disposed;
 
-    private SharedRegion(string path, MemoryMappedFile file, MemoryMappedViewAccessor view, long length)
+    private SharedRegion(string path, MemoryMappedFile file, MemoryMappedViewAccessor view, long length, bool writable, FileStream? descriptor = null)
     {
         Path = path;
         _file = file;
         _view = view;
         Length = length;
+        IsWritable = writable;
+        _descriptor = descriptor;
         byte* pointer = null;
         view.SafeMemoryMappedViewHandle.AcquirePointer(ref pointer);
         Pointer = pointer + view.PointerOffset;
@@ -25,6 +33,52 @@ internal sealed unsafe class SharedRegion : IDisposable
     public byte* Pointer { get; }
 
     public long Length { get; }
+
+    public bool IsWritable { get; }
+
+    /// <summary>The memfd behind an anonymous region (valid while the region is), to pass to another process.</summary>
+    public int Descriptor => _descriptor is null
+        ? throw new InvalidOperationException($"{Path} is a file, not an anonymous region")
+        : (int)_descriptor.SafeFileHandle.DangerousGetHandle();
+
+    /// <summary>An anonymous region of <paramref name="length"/> zero bytes (memfd_create), named for /proc listings.</summary>
+    public static SharedRegion CreateAnonymous(string name, long length)
+    {
+        int fd = Interop.Sys.MemfdCreate(name, Interop.Sys.MfdCloexec);
+        if (fd < 0)
+            throw new IOException($"memfd_create({name}) failed (errno {Marshal.GetLastPInvokeError()})");
+        var stream = new FileStream(new SafeFileHandle(fd, ownsHandle: true), FileAccess.ReadWrite, bufferSize: 0);
+        try
+        {
+            if (Interop.Sys.Ftruncate(fd, length) != 0)
+                throw new IOException($"ftruncate({name}, {length}) failed (errno {Marshal.GetLastPInvokeError()})");
+            var file = MemoryMappedFile.CreateFromFile(stream, null, length, MemoryMappedFileAccess.ReadWrite, HandleInheritability.None, leaveOpen: true);
+            return new SharedRegion($"memfd:{name}", file, file.CreateViewAccessor(0, length, MemoryMappedFileAccess.ReadWrite), length, writable: true, stream);
+        }
+        catch
+        {
+            stream.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Maps a descriptor received from another process (this region takes ownership of it).</summary>
+    public static SharedRegion FromDescriptor(int fd, string name, bool writable)
+    {
+        var stream = new FileStream(new SafeFileHandle(fd, ownsHandle: true), writable ? FileAccess.ReadWrite : FileAccess.Read, bufferSize: 0);
+        try
+        {
+            long length = stream.Length;
+            var access = writable ? MemoryMappedFileAccess.ReadWrite : MemoryMappedFileAccess.Read;
+            var file = MemoryMappedFile.CreateFromFile(stream, null, 0, access, HandleInheritability.None, leaveOpen: true);
+            return new SharedRegion(name, file, file.CreateViewAccessor(0, 0, access), length, writable, stream);
+        }
+        catch
+        {
+            stream.Dispose();
+            throw;
+        }
+    }
 
     /// <summary>Creates (or truncates) the file at <paramref name="length"/> zero bytes and maps it.</summary>
     public static SharedRegion Create(string path, long length)
@@ -41,9 +95,13 @@ internal sealed unsafe class SharedRegion : IDisposable
     /// Maps an existing region of the ABI and checks what every such region starts with (an 8-byte magic, then
     /// the 4-byte ABI version), then the rest with <paramref name="validate"/> (null when fine, else what is wrong).
     /// </summary>
-    public static SharedRegion Open(string path, int headerBytes, ulong magic, string what, Func<SharedRegion, string?> validate)
+    public static SharedRegion Open(string path, int headerBytes, ulong magic, string what, Func<SharedRegion, string?> validate) =>
+        Check(Open(path), headerBytes, magic, what, validate);
+
+    /// <summary>The checks of <see cref="Open(string, int, ulong, string, Func{SharedRegion, string?})"/> on a region already mapped; disposes it if they fail.</summary>
+    public static SharedRegion Check(SharedRegion region, int headerBytes, ulong magic, string what, Func<SharedRegion, string?> validate)
     {
-        SharedRegion region = Open(path);
+        string path = region.Path;
         try
         {
             if (region.Length < headerBytes)
@@ -69,7 +127,7 @@ internal sealed unsafe class SharedRegion : IDisposable
     {
         var stream = new FileStream(path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite);
         var file = MemoryMappedFile.CreateFromFile(stream, null, 0, MemoryMappedFileAccess.ReadWrite, HandleInheritability.None, leaveOpen: false);
-        return new SharedRegion(path, file, file.CreateViewAccessor(0, 0, MemoryMappedFileAccess.ReadWrite), length);
+        return new SharedRegion(path, file, file.CreateViewAccessor(0, 0, MemoryMappedFileAccess.ReadWrite), length, writable: true);
     }
 
     public void Dispose()
@@ -79,5 +137,6 @@ internal sealed unsafe class SharedRegion : IDisposable
         _view.SafeMemoryMappedViewHandle.ReleasePointer();
         _view.Dispose();
         _file.Dispose();
+        _descriptor?.Dispose();
     }
 }

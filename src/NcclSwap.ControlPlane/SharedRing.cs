@@ -32,13 +32,26 @@ public sealed unsafe class SharedRing : IDisposable
 
     private byte* Slot(uint index) => _region.Pointer + sizeof(RingHeader) + (long)(index & (Header->Capacity - 1)) * Header->EntryBytes;
 
-    public static SharedRing Create(string path, int capacity, int entryBytes)
+    public static SharedRing Create(string path, int capacity, int entryBytes) =>
+        Initialize(length => SharedRegion.Create(path, length), capacity, entryBytes);
+
+    /// <summary>A ring in an anonymous memfd, to hand to a client over the front door (<see cref="Descriptor"/>).</summary>
+    public static SharedRing CreateAnonymous(string name, int capacity, int entryBytes) =>
+        Initialize(length => SharedRegion.CreateAnonymous(name, length), capacity, entryBytes);
+
+    /// <summary>A ring whose descriptor came over the front door (takes ownership of it).</summary>
+    public static SharedRing FromDescriptor(int fd, string name) => Checked(SharedRegion.FromDescriptor(fd, name, writable: true));
+
+    /// <summary>The memfd of a ring made by <see cref="CreateAnonymous"/>.</summary>
+    public int Descriptor => _region.Descriptor;
+
+    private static SharedRing Initialize(Func<long, SharedRegion> map, int capacity, int entryBytes)
     {
         if (capacity <= 0 || !BitOperations.IsPow2(capacity))
             throw new ArgumentException($"ring capacity {capacity} must be a positive power of two", nameof(capacity));
         if (entryBytes <= 0 || entryBytes % 8 != 0)
             throw new ArgumentException($"entry size {entryBytes} must be a positive multiple of 8", nameof(entryBytes));
-        var region = SharedRegion.Create(path, sizeof(RingHeader) + (long)capacity * entryBytes);
+        SharedRegion region = map(sizeof(RingHeader) + (long)capacity * entryBytes);
         var header = (RingHeader*)region.Pointer;
         header->AbiVersion = AbiConstants.AbiVersion;
         header->Capacity = (uint)capacity;
@@ -47,8 +60,10 @@ public sealed unsafe class SharedRing : IDisposable
         return new SharedRing(region);
     }
 
-    public static SharedRing Open(string path) =>
-        new(SharedRegion.Open(path, sizeof(RingHeader), AbiConstants.RingMagic, "ring", region =>
+    public static SharedRing Open(string path) => Checked(SharedRegion.Open(path));
+
+    private static SharedRing Checked(SharedRegion mapped) =>
+        new(SharedRegion.Check(mapped, sizeof(RingHeader), AbiConstants.RingMagic, "ring", region =>
         {
             var header = (RingHeader*)region.Pointer;
             bool fits = header->Capacity != 0 && BitOperations.IsPow2(header->Capacity) && header->EntryBytes != 0 && header->EntryBytes % 8 == 0

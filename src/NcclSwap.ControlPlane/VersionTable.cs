@@ -43,17 +43,33 @@ public sealed unsafe class VersionTable : IDisposable
     }
 
     /// <summary>Maps an existing table, checking that it is one, of this ABI version and complete.</summary>
-    public static VersionTable Open(string path) =>
-        new(SharedRegion.Open(path, sizeof(VersionTableHeader), AbiConstants.TableMagic, "version table", region =>
+    public static VersionTable Open(string path) => Checked(SharedRegion.Open(path));
+
+    /// <summary>A consumer's read-only view of a table whose descriptor came over the front door (takes ownership of it).</summary>
+    public static VersionTable FromDescriptor(int fd) => Checked(SharedRegion.FromDescriptor(fd, "version table (received)", writable: false));
+
+    /// <summary>A read-only descriptor of this table's file, for a client: the caller closes it once sent.</summary>
+    public Microsoft.Win32.SafeHandles.SafeFileHandle OpenReadOnlyDescriptor() =>
+        File.OpenHandle(Path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+
+    private static VersionTable Checked(SharedRegion region) =>
+        new(SharedRegion.Check(region, sizeof(VersionTableHeader), AbiConstants.TableMagic, "version table", r =>
         {
-            uint capacity = ((VersionTableHeader*)region.Pointer)->Capacity;
+            uint capacity = ((VersionTableHeader*)r.Pointer)->Capacity;
             long needed = sizeof(VersionTableHeader) + (long)capacity * sizeof(VersionEntry);
-            return region.Length < needed ? $"{capacity} rows need {needed} bytes, the file has {region.Length}" : null;
+            return r.Length < needed ? $"{capacity} rows need {needed} bytes, the file has {r.Length}" : null;
         }));
+
+    private void RequireWritable()
+    {
+        if (!_region.IsWritable)
+            throw new InvalidOperationException($"{Path} is mapped read-only: only the agent writes the version table");
+    }
 
     /// <summary>The agent's side: claims a free row for weight set <paramref name="name"/>.</summary>
     public int Add(string name)
     {
+        RequireWritable();
         byte[] utf8 = Encoding.UTF8.GetBytes(name);
         if (utf8.Length is 0 or >= AbiConstants.NameBytes)
             throw new ArgumentException($"weight-set name '{name}' must be 1 to {AbiConstants.NameBytes - 1} UTF-8 bytes");
@@ -95,6 +111,7 @@ public sealed unsafe class VersionTable : IDisposable
     /// </summary>
     public void Activate(int row, ulong version, int slot, ulong manifestDigest)
     {
+        RequireWritable();
         ArgumentOutOfRangeException.ThrowIfZero(version);
         ulong state = VersionEntry.PackState(version, slot);
         VersionEntry* entry = Entry(row);

@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using System.Net.Sockets;
-using System.Runtime.InteropServices;
 using System.Text;
 using System.Text.Json;
 using NcclSwap.ControlPlane.Abi;
@@ -25,7 +24,7 @@ public sealed class FrontDoorTests : IAsyncDisposable
     {
         var policy = new RolePolicy();
         policy.Users[Me().Uid] = granted;
-        return new FrontDoor(Path.Combine(_folder, "agent.sock"), _folder, _table.Path, policy);
+        return new FrontDoor(Path.Combine(_folder, "agent.sock"), _table.Path, policy);
     }
 
     private static (Socket Socket, JsonDocument Reply) Hello(FrontDoor door, string hello)
@@ -45,36 +44,50 @@ public sealed class FrontDoorTests : IAsyncDisposable
         return (socket, JsonDocument.Parse(reply.ToArray()));
     }
 
-    private string[] SessionFiles() => Directory.GetFiles(_folder, "session-*");
+    /// <summary>Descriptors this process holds on session rings (memfd:nccl-swap-session-…), from /proc/self/fd.</summary>
+    private static string[] SessionDescriptors() =>
+        Directory.GetFiles("/proc/self/fd")
+            .Select(fd => { try { return new FileInfo(fd).LinkTarget ?? ""; } catch (IOException) { return ""; } })
+            .Where(target => target.Contains("memfd:nccl-swap-session-", StringComparison.Ordinal))
+            .ToArray();
 
     [Fact]
-    public async Task A_granted_client_gets_private_rings_that_vanish_with_its_connection()
+    public async Task A_granted_client_gets_the_table_and_private_rings_as_descriptors_that_the_agent_drops_with_its_connection()
     {
+        int row = _table.Add("llama");
         await using FrontDoor door = Open(Role.Consumer | Role.Publisher);
         var ended = new TaskCompletionSource<SessionInfo>();
         door.SessionChanged += (info, started) => { if (!started) ended.TrySetResult(info); };
-        (Socket socket, JsonDocument reply) = Hello(door, "{\"role\": \"consumer\", \"weight_set\": \"llama\"}\n");
-        using (reply)
+        long id;
+        using (ChannelClient client = ChannelClient.Connect(door.SocketPath, Role.Consumer, "llama"))
         {
-            Assert.True(reply.RootElement.GetProperty("ok").GetBoolean(), reply.RootElement.ToString());
-            Assert.Equal("consumer", reply.RootElement.GetProperty("role").GetString());
-            Assert.Equal(_table.Path, reply.RootElement.GetProperty("table").GetString());
-            string requests = reply.RootElement.GetProperty("requests").GetString()!;
-            Assert.Equal(UnixFileMode.UserRead | UnixFileMode.UserWrite, File.GetUnixFileMode(requests));
-            using (SharedRing ring = SharedRing.Open(requests))
-                Assert.Equal(Marshal.SizeOf<Request>(), ring.EntryBytes);
-
+            id = client.Session;
+            Assert.Equal(Role.Consumer, client.Role);
             SessionInfo session = Assert.Single(door.Sessions);
             Assert.Equal(Environment.ProcessId, session.Peer.Pid); // from the kernel, not from the hello
             Assert.Equal(Me().Uid, session.Peer.Uid);
             Assert.Equal("llama", session.WeightSet);
-            Assert.Equal(2, SessionFiles().Length);
+            Assert.Equal($"memfd:nccl-swap-session-{id}-requests", session.RequestsName);
+            Assert.Empty(Directory.GetFiles(_folder, "*session*")); // nothing on disk
+
+            // The table is the agent's, seen read-only; the rings are shared with the agent's ends.
+            _table.Activate(row, 4, 0, 0);
+            Assert.Equal(VersionEntry.PackState(4, 0), client.Table.ReadState(row));
+            Assert.Contains("read-only", Assert.Throws<InvalidOperationException>(() => client.Table.Activate(row, 5, 1, 0)).Message);
+            Assert.True(door.TryGetRings(id, out SharedRing requests, out SharedRing responses));
+            Assert.True(client.Requests.Write(Messages.NewRequest(RequestKind.Ping, 42), TimeSpan.FromSeconds(5)));
+            Assert.True(requests.Read(out Request request, TimeSpan.FromSeconds(5)));
+            Assert.Equal(42UL, request.Id);
+            Assert.True(responses.Write(Messages.NewResponse(request, 0, "pong"), TimeSpan.FromSeconds(5)));
+            Assert.True(client.Responses.Read(out Response response, TimeSpan.FromSeconds(5)));
+            Assert.Equal(42UL, response.Id);
+            Assert.Equal(4, SessionDescriptors().Length); // the agent's two and the client's two
         }
-        socket.Dispose(); // the client goes away
         SessionInfo gone = await ended.Task.WaitAsync(TimeSpan.FromSeconds(10), TestContext.Current.CancellationToken);
-        Assert.Equal(Role.Consumer, gone.Role);
+        Assert.Equal(id, gone.Id);
         Assert.Empty(door.Sessions);
-        Assert.Empty(SessionFiles());
+        Assert.False(door.TryGetRings(id, out _, out _));
+        Assert.Empty(SessionDescriptors());
     }
 
     [Theory]
@@ -96,7 +109,7 @@ public sealed class FrontDoorTests : IAsyncDisposable
             Assert.Contains(reason, reply.RootElement.GetProperty("error").GetString());
         }
         Assert.Empty(door.Sessions);
-        Assert.Empty(SessionFiles());
+        Assert.Empty(SessionDescriptors());
         var clock = Stopwatch.StartNew();
         while (refusals.Count == 0 && clock.Elapsed < TimeSpan.FromSeconds(5))
             await Task.Delay(10, TestContext.Current.CancellationToken);
@@ -111,14 +124,12 @@ public sealed class FrontDoorTests : IAsyncDisposable
         FrontDoor door = Open(Role.Consumer);
         var e = Assert.Throws<InvalidOperationException>(() => Open(Role.Consumer));
         Assert.Contains("another agent is listening", e.Message);
-        (Socket socket, JsonDocument reply) = Hello(door, "{\"role\": \"consumer\", \"weight_set\": \"llama\"}\n");
-        using (socket)
-        using (reply)
+        using (ChannelClient client = ChannelClient.Connect(door.SocketPath, Role.Consumer, "llama"))
         {
-            Assert.True(reply.RootElement.GetProperty("ok").GetBoolean());
-            Assert.Equal(2, SessionFiles().Length);
+            Assert.Single(door.Sessions);
             await door.DisposeAsync();
-            Assert.Empty(SessionFiles());
+            Assert.Empty(door.Sessions);
+            Assert.Equal(2, SessionDescriptors().Length); // only the client's own ends are left
             Assert.False(File.Exists(door.SocketPath));
         }
         await using FrontDoor next = Open(Role.Consumer); // the socket is free again
@@ -132,7 +143,7 @@ public sealed class FrontDoorTests : IAsyncDisposable
         using (socket)
         using (reply)
             Assert.Contains("longer than 4096 bytes", reply.RootElement.GetProperty("error").GetString());
-        Assert.Empty(SessionFiles());
+        Assert.Empty(SessionDescriptors());
     }
 
     [Fact]
@@ -169,13 +180,11 @@ public sealed class FrontDoorTests : IAsyncDisposable
         Assert.Contains("state 9 1", lines);
 
         SessionInfo session = Assert.Single(door.Sessions);
-        using (SharedRing requests = SharedRing.Open(session.RequestsPath))
-        {
-            Assert.True(requests.Read(out Request request, TimeSpan.FromSeconds(10)));
-            Assert.Null(Messages.Validate(request));
-            Assert.Equal(77UL, request.Id);
-            Assert.Equal((ushort)RequestKind.Ping, request.Kind);
-        }
+        Assert.True(door.TryGetRings(session.Id, out SharedRing requests, out _));
+        Assert.True(requests.Read(out Request request, TimeSpan.FromSeconds(10)));
+        Assert.Null(Messages.Validate(request));
+        Assert.Equal(77UL, request.Id);
+        Assert.Equal((ushort)RequestKind.Ping, request.Kind);
         client.StandardInput.WriteLine();
         client.WaitForExit();
         Assert.Equal(0, client.ExitCode);

@@ -6,7 +6,7 @@ internal static partial class Interop
 {
     internal static partial class Sys
     {
-        private const string Libc = "libc.so.6";
+        internal const string Libc = "libc.so.6";
         private const long SysFutexX64 = 202;
 
         // Not FUTEX_PRIVATE_FLAG: the words live in memory shared between processes.

@@ -1,6 +1,7 @@
 """Connecting to the agent: the front-door handshake, then the session's rings and the version table."""
 
 import json
+import os
 import socket
 from dataclasses import dataclass
 
@@ -48,18 +49,23 @@ def connect(role: str, weight_set: str, socket_path: str = DEFAULT_SOCKET, timeo
         sock.settimeout(timeout)
         sock.connect(socket_path)
         sock.sendall(json.dumps({"role": role, "weight_set": weight_set}).encode() + b"\n")
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
+        # One line of JSON; on success it carries the table's and the rings' descriptors (SCM_RIGHTS).
+        reply, fds, _, _ = socket.recv_fds(sock, 4096, 8)
+        try:
+            if not reply:
                 raise RefusedError(f"{socket_path}: the agent closed the connection without an answer")
-            reply += chunk
-        answer = json.loads(reply)
-        if not answer.get("ok"):
-            raise RefusedError(f"{socket_path}: {answer.get('error')}")
+            answer = json.loads(reply)
+            if not answer.get("ok"):
+                raise RefusedError(f"{socket_path}: {answer.get('error')}")
+            if answer.get("descriptors") != ["table", "requests", "responses"] or len(fds) != 3:
+                raise RefusedError(f"{socket_path}: expected the table and two rings, got {len(fds)} descriptors")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
         sock.settimeout(None)
-        return Session(answer["session"], answer["role"], VersionTable(answer["table"]),
-                       SharedRing(answer["requests"]), SharedRing(answer["responses"]), sock)
+        table, requests, responses = fds
+        return Session(answer["session"], answer["role"], VersionTable(table), SharedRing(requests), SharedRing(responses), sock)
     except BaseException:
         sock.close()
         raise

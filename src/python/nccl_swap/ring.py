@@ -8,8 +8,9 @@ after every step it changes the doorbell word and wakes whoever sleeps on it (th
 
 import ctypes
 import mmap
+import os
 import time
-from typing import Optional
+from typing import Optional, Union
 
 from . import abi
 
@@ -21,10 +22,19 @@ _libc.syscall.restype = ctypes.c_long
 
 
 class SharedRing:
-    def __init__(self, path: str):
-        self.path = path
-        with open(path, "r+b") as f:
-            self._map = mmap.mmap(f.fileno(), 0)
+    """A ring mapped from a file path, or from a descriptor received from the agent (which it then owns)."""
+
+    def __init__(self, source: Union[str, int]):
+        self.path = source if isinstance(source, str) else f"descriptor {source}"
+        if isinstance(source, str):
+            with open(source, "r+b") as f:
+                self._map = mmap.mmap(f.fileno(), 0)
+        else:
+            try:
+                self._map = mmap.mmap(source, 0)
+            finally:
+                os.close(source)
+        path = self.path
         if len(self._map) < _HEADER:
             raise ValueError(f"{path}: {len(self._map)} bytes is too small for a ring header ({_HEADER})")
         self._header = abi.RingHeader.from_buffer(self._map)

@@ -2,7 +2,8 @@
 
 import ctypes
 import mmap
-from typing import Tuple
+import os
+from typing import Tuple, Union
 
 from . import abi
 
@@ -27,13 +28,21 @@ def unpack_state(state: int) -> Tuple[int, int]:
 class VersionTable:
     """A mapped version table. ``state(row)`` is the per-step check: one aligned 8-byte load."""
 
-    def __init__(self, path: str):
-        self.path = path
-        with open(path, "r+b") as f:
-            self._map = mmap.mmap(f.fileno(), 0)
+    def __init__(self, source: Union[str, int]):
+        """Maps the table from its path, or from a read-only descriptor received from the agent (then owned here)."""
+        self.path = source if isinstance(source, str) else f"descriptor {source}"
+        if isinstance(source, str):
+            with open(source, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        else:
+            try:
+                self._map = mmap.mmap(source, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(source)
+        path = self.path
         if len(self._map) < _HEADER:
             raise ValueError(f"{path}: {len(self._map)} bytes is too small for a version table header ({_HEADER})")
-        header = abi.VersionTableHeader.from_buffer(self._map)
+        header = abi.VersionTableHeader.from_buffer_copy(self._map)
         if header.magic != abi.TABLE_MAGIC:
             raise ValueError(f"{path}: not an nccl-swap version table (magic 0x{header.magic:016x})")
         if header.abi_version != abi.ABI_VERSION:
@@ -42,8 +51,8 @@ class VersionTable:
         if len(self._map) < needed:
             raise ValueError(f"{path}: {header.capacity} rows need {needed} bytes, the file has {len(self._map)}")
         self.capacity = header.capacity
-        del header
-        self._states = [ctypes.c_uint64.from_buffer(self._map, _HEADER + row * _ENTRY) for row in range(self.capacity)]
+        # An aligned 8-byte view per row: reading one element is a single 8-byte load.
+        self._words = memoryview(self._map).cast("Q")
 
     def entry(self, row: int) -> abi.VersionEntry:
         self._check(row)
@@ -60,14 +69,14 @@ class VersionTable:
 
     def state(self, row: int) -> int:
         """The packed (version, slot) word of ``row``, read with one aligned 8-byte load."""
-        return self._states[row].value
+        return self._words[(_HEADER + row * _ENTRY) // 8]
 
     def _check(self, row: int) -> None:
         if not 0 <= row < self.capacity:
             raise IndexError(f"row {row} is not in [0, {self.capacity}) of {self.path}")
 
     def close(self) -> None:
-        self._states = []
+        self._words.release()
         self._map.close()
 
     def __enter__(self) -> "VersionTable":
