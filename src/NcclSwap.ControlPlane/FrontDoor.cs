@@ -101,8 +101,28 @@ public sealed class FrontDoor : IAsyncDisposable
         }
     }
 
-    /// <summary>The agent's ends of session <paramref name="id"/>'s rings: it reads requests and writes responses.</summary>
-    public bool TryGetRings(long id, out SharedRing requests, out SharedRing responses)
+    /// <summary>
+    /// Runs <paramref name="use"/> on the agent's ends of session <paramref name="id"/>'s rings (it reads
+    /// requests and writes responses), holding the session open meanwhile; false if the session has ended.
+    /// </summary>
+    public bool TryUse(long id, Action<SharedRing, SharedRing> use)
+    {
+        Session? session;
+        lock (_lock)
+            _sessions.TryGetValue(id, out session);
+        if (session is null)
+            return false;
+        lock (session)
+        {
+            if (session.Closed)
+                return false;
+            use(session.Requests, session.Responses);
+            return true;
+        }
+    }
+
+    /// <summary>For tests: the rings of a live session; unsafe once it may have ended (use <see cref="TryUse"/>).</summary>
+    internal bool TryGetRings(long id, out SharedRing requests, out SharedRing responses)
     {
         lock (_lock)
         {
@@ -195,8 +215,12 @@ public sealed class FrontDoor : IAsyncDisposable
     {
         lock (_lock)
             _sessions.Remove(session.Info.Id);
-        session.Requests.Dispose();
-        session.Responses.Dispose();
+        lock (session)
+        {
+            session.Closed = true;
+            session.Requests.Dispose();
+            session.Responses.Dispose();
+        }
         SessionChanged?.Invoke(session.Info, false);
     }
 
@@ -317,7 +341,10 @@ public sealed class FrontDoor : IAsyncDisposable
         File.Delete(SocketPath);
     }
 
-    private sealed record Session(SessionInfo Info, SharedRing Requests, SharedRing Responses);
+    private sealed record Session(SessionInfo Info, SharedRing Requests, SharedRing Responses)
+    {
+        public bool Closed { get; set; }
+    }
 
     private sealed class RefusedException(string message) : Exception(message);
 }

@@ -123,6 +123,12 @@ public sealed unsafe class SharedRing : IDisposable
 
     public bool Write<T>(in T entry, TimeSpan timeout) where T : unmanaged => Write(MemoryMarshal.AsBytes(new ReadOnlySpan<T>(in entry)), timeout);
 
+    public bool TryRead<T>(out T entry) where T : unmanaged
+    {
+        entry = default;
+        return TryRead(MemoryMarshal.AsBytes(new Span<T>(ref entry)));
+    }
+
     public bool Read<T>(out T entry, TimeSpan timeout) where T : unmanaged
     {
         entry = default;

@@ -1,0 +1,118 @@
+using NcclSwap.ControlPlane.Abi;
+
+namespace NcclSwap.ControlPlane;
+
+/// <summary>What the agent does with a well-formed request from a client allowed to make it.</summary>
+public interface IRequestHandler
+{
+    Response Handle(SessionInfo session, in Request request);
+}
+
+/// <summary>Status codes of responses: 0 or a negative errno.</summary>
+public static class Status
+{
+    public const int Ok = 0;
+    public const int NotPermitted = -1;   // EPERM: the session's role may not make this request
+    public const int Invalid = -22;       // EINVAL: the entry is not a well-formed request
+    public const int NotImplemented = -38; // ENOSYS
+}
+
+/// <summary>
+/// The agent's side of every session's rings: takes each request, refuses malformed ones and ones the
+/// session's role may not make (answering why, and changing nothing), hands the rest to the handler, and
+/// writes its response. One thread polls all sessions: it spins while there is traffic and backs off to short
+/// sleeps when there is none.
+/// </summary>
+public sealed class RequestDispatcher : IDisposable
+{
+    private static readonly Dictionary<RequestKind, Role> s_allowed = new()
+    {
+        [RequestKind.Ping] = Role.Publisher | Role.Consumer | Role.Operator,
+        [RequestKind.Status] = Role.Publisher | Role.Consumer | Role.Operator,
+        [RequestKind.Publish] = Role.Publisher,
+        [RequestKind.Ack] = Role.Consumer,
+        [RequestKind.Rollback] = Role.Operator,
+    };
+
+    private readonly FrontDoor _door;
+    private readonly IRequestHandler _handler;
+    private readonly Thread _thread;
+    private volatile bool _stopping;
+    private long _handled;
+    private long _refused;
+
+    public RequestDispatcher(FrontDoor door, IRequestHandler handler)
+    {
+        _door = door;
+        _handler = handler;
+        _thread = new Thread(Run) { IsBackground = true, Name = "nccl-swap requests" };
+        _thread.Start();
+    }
+
+    /// <summary>Requests handed to the handler.</summary>
+    public long Handled => Interlocked.Read(ref _handled);
+
+    /// <summary>Requests refused as malformed or out of role.</summary>
+    public long Refused => Interlocked.Read(ref _refused);
+
+    /// <summary>Raised for every refused request, on the dispatcher's thread, with the reason: for the audit log.</summary>
+    public event Action<SessionInfo, Request, string>? RequestRefused;
+
+    /// <summary>What is wrong with <paramref name="request"/> from <paramref name="session"/>, or null if it may be handled.</summary>
+    public static (int Status, string Reason)? Check(SessionInfo session, in Request request)
+    {
+        if (Messages.Validate(request) is { } malformed)
+            return (Status.Invalid, malformed);
+        Role allowed = s_allowed[(RequestKind)request.Kind];
+        if ((session.Role & allowed) == 0)
+            return (Status.NotPermitted, $"a {session.Role.ToString().ToLowerInvariant()} may not send {((RequestKind)request.Kind).ToString().ToLowerInvariant()}");
+        return null;
+    }
+
+    private bool Serve(SessionInfo session, SharedRing requests, SharedRing responses)
+    {
+        bool any = false;
+        while (requests.TryRead(out Request request))
+        {
+            any = true;
+            Response response;
+            if (Check(session, request) is { } refusal)
+            {
+                Interlocked.Increment(ref _refused);
+                RequestRefused?.Invoke(session, request, refusal.Reason);
+                response = Messages.NewResponse(request, refusal.Status, refusal.Reason);
+            }
+            else
+            {
+                Interlocked.Increment(ref _handled);
+                response = _handler.Handle(session, request);
+            }
+            // A client that does not drain its responses loses them, not the agent its thread.
+            responses.Write(response, TimeSpan.FromMilliseconds(100));
+        }
+        return any;
+    }
+
+    private void Run()
+    {
+        int idle = 0;
+        while (!_stopping)
+        {
+            bool any = false;
+            foreach (SessionInfo session in _door.Sessions)
+                _door.TryUse(session.Id, (requests, responses) => any |= Serve(session, requests, responses));
+            if (any)
+                idle = 0;
+            else if (++idle < 1000)
+                Thread.SpinWait(50);
+            else
+                Thread.Sleep(idle < 2000 ? 0 : 1);
+        }
+    }
+
+    public void Dispose()
+    {
+        _stopping = true;
+        _thread.Join();
+    }
+}
