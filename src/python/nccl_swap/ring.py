@@ -7,12 +7,11 @@ after every step it changes the doorbell word and wakes whoever sleeps on it (th
 """
 
 import ctypes
-import mmap
-import os
 import time
 from typing import Optional, Union
 
 from . import abi
+from ._shm import map_region
 
 _HEADER = ctypes.sizeof(abi.RingHeader)
 _SYS_FUTEX = 202  # x86-64
@@ -25,15 +24,7 @@ class SharedRing:
     """A ring mapped from a file path, or from a descriptor received from the agent (which it then owns)."""
 
     def __init__(self, source: Union[str, int]):
-        self.path = source if isinstance(source, str) else f"descriptor {source}"
-        if isinstance(source, str):
-            with open(source, "r+b") as f:
-                self._map = mmap.mmap(f.fileno(), 0)
-        else:
-            try:
-                self._map = mmap.mmap(source, 0)
-            finally:
-                os.close(source)
+        self._map, self.path = map_region(source, writable=True)
         path = self.path
         if len(self._map) < _HEADER:
             raise ValueError(f"{path}: {len(self._map)} bytes is too small for a ring header ({_HEADER})")

@@ -1,11 +1,10 @@
 """The consumer's view of the agent's version table."""
 
 import ctypes
-import mmap
-import os
 from typing import Tuple, Union
 
 from . import abi
+from ._shm import map_region
 
 _HEADER = ctypes.sizeof(abi.VersionTableHeader)
 _ENTRY = ctypes.sizeof(abi.VersionEntry)
@@ -30,15 +29,7 @@ class VersionTable:
 
     def __init__(self, source: Union[str, int]):
         """Maps the table from its path, or from a read-only descriptor received from the agent (then owned here)."""
-        self.path = source if isinstance(source, str) else f"descriptor {source}"
-        if isinstance(source, str):
-            with open(source, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        else:
-            try:
-                self._map = mmap.mmap(source, 0, access=mmap.ACCESS_READ)
-            finally:
-                os.close(source)
+        self._map, self.path = map_region(source, writable=False)
         path = self.path
         if len(self._map) < _HEADER:
             raise ValueError(f"{path}: {len(self._map)} bytes is too small for a version table header ({_HEADER})")
