@@ -1,6 +1,7 @@
 using System.CommandLine;
 using NcclSwap.Agent.Doctor;
 using NcclSwap.Agent.Inspect;
+using NcclSwap.Agent.Serve;
 
 namespace NcclSwap.Agent;
 
@@ -14,6 +15,7 @@ public static class Program
         root.Subcommands.Add(DoctorCommand.Create(output));
         root.Subcommands.Add(DoctorCommand.CreateIpcPeer(output));
         root.Subcommands.Add(InspectCommand.Create(output, error));
+        root.Subcommands.Add(ServeCommand.Create(error));
         return root;
     }
 }

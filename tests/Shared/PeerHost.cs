@@ -36,7 +36,10 @@ internal static class PeerHost
     }
 
     /// <summary>Starts this test executable as a peer playing <paramref name="role"/>.</summary>
-    public static PeerProcess Start(string role, params string[] args)
+    public static PeerProcess Start(string role, params string[] args) => StartWith(role, null, args);
+
+    /// <summary>As <see cref="Start"/>, with extra environment variables for the peer alone.</summary>
+    public static PeerProcess StartWith(string role, IReadOnlyDictionary<string, string>? environment, params string[] args)
     {
         string name = Assembly.GetEntryAssembly()?.GetName().Name
             ?? throw new InvalidOperationException("no entry assembly");
@@ -57,6 +60,8 @@ internal static class PeerHost
             start.FileName = "dotnet";
             start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, name + ".dll"));
         }
+        foreach (var (variable, value) in environment ?? new Dictionary<string, string>())
+            start.Environment[variable] = value;
         start.ArgumentList.Add(Flag);
         start.ArgumentList.Add(role);
         foreach (string arg in args)

@@ -1,0 +1,113 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Text;
+using Microsoft.Extensions.Configuration;
+using NcclSwap.Agent.Serve;
+using NcclSwap.ControlPlane;
+using NcclSwap.ControlPlane.Abi;
+using NcclSwap.Testing;
+
+namespace NcclSwap.Agent.Tests;
+
+public sealed class ServeTests : IDisposable
+{
+    private readonly string _folder = Directory.CreateTempSubdirectory("nccl-swap-serve-").FullName;
+
+    private static uint MyUid() =>
+        uint.Parse(File.ReadAllLines("/proc/self/status").First(l => l.StartsWith("Uid:", StringComparison.Ordinal)).Split('\t', StringSplitOptions.RemoveEmptyEntries)[1]);
+
+    private static AgentSettings Load(Dictionary<string, string?> values) =>
+        AgentSettings.Load(new ConfigurationBuilder().AddInMemoryCollection(values).Build());
+
+    [Fact]
+    public void Settings_are_checked_as_a_whole_and_each_bad_one_is_named()
+    {
+        var e = Assert.Throws<AgentSettingsException>(() => Load(new()
+        {
+            ["Agent:SocketPath"] = "agent.sock",
+            ["Agent:StateDirectory"] = "state",
+            ["Agent:TableCapacity"] = "0",
+            ["Agent:Roles:Users:1000"] = "publisher,root",
+            ["Agent:Roles:Groups:wheel"] = "operator",
+        }));
+        Assert.Equal(
+        [
+            "Agent:SocketPath: 'agent.sock' must be an absolute path",
+            "Agent:StateDirectory: 'state' must be an absolute path",
+            "Agent:TableCapacity: '0' must be a whole number from 1 to 65536",
+            "Agent:Roles:Users:1000: unknown role 'root' (publisher, consumer, operator)",
+            "Agent:Roles:Groups:wheel: 'wheel' is not a numeric gid",
+        ], e.Problems);
+
+        AgentSettings good = Load(new() { ["Agent:SocketPath"] = "/run/x.sock", ["Agent:Roles:Users:1000"] = "publisher, consumer", ["Agent:Roles:Groups:27"] = "operator" });
+        Assert.Equal(Role.Publisher | Role.Consumer, good.Roles.Users[1000]);
+        Assert.Equal(Role.Operator, good.Roles.Groups[27]);
+        Assert.Equal(64, good.TableCapacity);
+        Assert.Equal("/var/lib/nccl-swap/versions.table", good.TablePath);
+        Assert.Contains("every client would be refused", Assert.Throws<AgentSettingsException>(() => Load(new())).Message);
+    }
+
+    [Fact]
+    public void The_agent_notifies_systemd_feeds_the_watchdog_answers_clients_and_stops_cleanly_on_sigterm()
+    {
+        string notify = Path.Combine(_folder, "notify");
+        using var systemd = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified);
+        systemd.Bind(new UnixDomainSocketEndPoint(notify));
+        systemd.ReceiveTimeout = 30_000;
+        string socketPath = Path.Combine(_folder, "run", "agent.sock");
+        using PeerProcess agent = PeerHost.StartWith("agent", new Dictionary<string, string>
+        {
+            ["NOTIFY_SOCKET"] = notify,
+            ["WATCHDOG_USEC"] = "200000",
+            ["NCCL_SWAP_Agent__SocketPath"] = socketPath,
+            ["NCCL_SWAP_Agent__StateDirectory"] = Path.Combine(_folder, "state"),
+            [$"NCCL_SWAP_Agent__Roles__Users__{MyUid()}"] = "publisher,consumer",
+        }, "serve");
+
+        var messages = new List<string>();
+        string Next()
+        {
+            byte[] buffer = new byte[512];
+            int n = systemd.Receive(buffer);
+            string message = Encoding.UTF8.GetString(buffer, 0, n);
+            messages.Add(message);
+            return message;
+        }
+        Assert.True(Next() == "READY=1", $"first notification: {string.Join(" | ", messages)}; {agent}");
+        Assert.Equal("WATCHDOG=1", Next()); // fed after the health check passed, within 100 ms
+        Assert.Equal("WATCHDOG=1", Next());
+
+        using (ChannelClient client = ChannelClient.Connect(socketPath, Role.Consumer, "llama"))
+        {
+            Assert.True(client.Requests.Write(Messages.NewRequest(RequestKind.Status, 1), TimeSpan.FromSeconds(10)));
+            Assert.True(client.Responses.Read(out Response status, TimeSpan.FromSeconds(10)));
+            Assert.Equal(Status.Ok, status.Status);
+            Assert.True(client.Requests.Write(Messages.NewRequest(RequestKind.Publish, 2), TimeSpan.FromSeconds(10)));
+            Assert.True(client.Responses.Read(out Response publish, TimeSpan.FromSeconds(10)));
+            Assert.Equal(Status.NotPermitted, publish.Status); // a consumer's publish is refused before anything else
+        }
+
+        using (Process kill = Process.Start("kill", ["-TERM", $"{agent.Process.Id}"]))
+            kill.WaitForExit();
+        string stopping;
+        do
+            stopping = Next();
+        while (stopping == "WATCHDOG=1");
+        Assert.Equal("STOPPING=1", stopping);
+        Assert.Equal(0, agent.WaitForExit(TimeSpan.FromSeconds(30)));
+        Assert.False(File.Exists(socketPath));
+        Assert.Contains("nccl-swap agent stopped", agent.Output);
+    }
+
+    [Fact]
+    public void Bad_settings_stop_serve_before_it_starts_with_exit_code_2()
+    {
+        var output = new StringWriter();
+        var error = new StringWriter();
+        int code = Program.BuildCommandLine(output, error).Parse(["serve", "--config", Path.Combine(_folder, "missing.json")]).Invoke(new() { Output = output, Error = error });
+        Assert.Equal(2, code);
+        Assert.Contains("missing.json does not exist", error.ToString());
+    }
+
+    public void Dispose() => Directory.Delete(_folder, recursive: true);
+}
