@@ -123,6 +123,18 @@ public sealed unsafe class VersionTable : IDisposable
         Volatile.Write(ref entry->State, state); // the release store consumers synchronise with
     }
 
+    /// <summary>The agent's side, at start: puts back a row's active and last good versions from persisted state.</summary>
+    public void Restore(int row, ulong version, int slot, ulong manifestDigest, ulong lastGood)
+    {
+        RequireWritable();
+        ulong state = VersionEntry.PackState(version, slot);
+        VersionEntry* entry = Entry(row);
+        entry->LastGood = lastGood;
+        entry->ManifestDigest = manifestDigest;
+        entry->ActivatedNs = (ulong)Stopwatch.GetTimestamp();
+        Volatile.Write(ref entry->State, state);
+    }
+
     /// <summary>The consumer's per-step check: one atomic load of the packed (version, slot) word.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public ulong ReadState(int row) => Volatile.Read(ref Entry(row)->State);

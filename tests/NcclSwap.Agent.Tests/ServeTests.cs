@@ -100,6 +100,38 @@ public sealed class ServeTests : IDisposable
     }
 
     [Fact]
+    public void After_a_crash_the_restarted_agent_shows_every_consumer_the_versions_it_had()
+    {
+        string state = Path.Combine(_folder, "state");
+        new NcclSwap.ControlPlane.State.StateStore(Path.Combine(state, "state.json")).Save(new([
+            new("llama", new(7, 1, 0x1234), LastGood: 6, HighestPublished: 7),
+            new("qwen", null, 0, 0)], AuditPosition: 0));
+        string socketPath = Path.Combine(_folder, "agent.sock");
+        var environment = new Dictionary<string, string>
+        {
+            ["NCCL_SWAP_Agent__SocketPath"] = socketPath,
+            ["NCCL_SWAP_Agent__StateDirectory"] = state,
+            [$"NCCL_SWAP_Agent__Roles__Users__{MyUid()}"] = "consumer",
+        };
+        for (int life = 0; life < 2; life++)
+        {
+            using PeerProcess agent = PeerHost.StartWith("agent", environment, "serve");
+            agent.WaitForLine("info: NcclSwap.Agent.Serve.AgentService[0] nccl-swap agent listening", TimeSpan.FromSeconds(30));
+            using (ChannelClient client = ChannelClient.Connect(socketPath, Role.Consumer, "llama"))
+            {
+                int row = client.Table.Find("llama");
+                Assert.True(row >= 0, $"llama is not in the table; agent: {agent}");
+                Assert.Equal(VersionEntry.PackState(7, 1), client.Table.ReadState(row));
+                Assert.Equal(6UL, client.Table.ReadEntry(row).LastGood);
+                Assert.Equal(0x1234UL, client.Table.ReadEntry(row).ManifestDigest);
+                Assert.Equal(0UL, client.Table.ReadState(client.Table.Find("qwen")));
+            }
+            agent.Process.Kill(); // SIGKILL: no clean shutdown; the next life must recover all the same
+            agent.Process.WaitForExit();
+        }
+    }
+
+    [Fact]
     public void Bad_settings_stop_serve_before_it_starts_with_exit_code_2()
     {
         var output = new StringWriter();

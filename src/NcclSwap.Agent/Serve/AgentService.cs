@@ -4,14 +4,16 @@ using Microsoft.Extensions.Hosting.Systemd;
 using Microsoft.Extensions.Logging;
 using NcclSwap.ControlPlane;
 using NcclSwap.ControlPlane.Abi;
+using NcclSwap.ControlPlane.State;
 
 namespace NcclSwap.Agent.Serve;
 
 /// <summary>
 /// The agent as a hosted service: the version table, the front door and the request dispatcher, with the
-/// systemd watchdog fed only while a real health check passes (the front door answers a connection and the
-/// dispatcher's thread is alive). Requests of the version life cycle are answered "not implemented" until it
-/// lands; ping and status work.
+/// systemd watchdog fed only while a real health check passes (the front door answers a connection). At start
+/// it puts every weight set's active and last good version back into the table from the persisted state, so
+/// consumers that reconnect after a crash or restart find the versions they served. Requests of the version
+/// life cycle are answered "not implemented" until it lands; ping and status work.
 /// </summary>
 public sealed class AgentService(AgentSettings settings, ISystemdNotifier notifier, ILogger<AgentService> log) : BackgroundService, IRequestHandler
 {
@@ -24,6 +26,14 @@ public sealed class AgentService(AgentSettings settings, ISystemdNotifier notifi
         Directory.CreateDirectory(settings.StateDirectory);
         Directory.CreateDirectory(Path.GetDirectoryName(settings.SocketPath)!);
         _table = VersionTable.Create(settings.TablePath, settings.TableCapacity);
+        AgentState state = new StateStore(settings.StatePath).Load();
+        foreach (WeightSetState set in state.WeightSets)
+        {
+            int row = _table.Add(set.Name);
+            if (set.Active is { } active)
+                _table.Restore(row, active.Version, active.Slot, active.ManifestDigest, set.LastGood);
+            log.LogInformation("recovered weight set {Name}: version {Version} active, last good {LastGood}", set.Name, set.Active?.Version ?? 0, set.LastGood);
+        }
         _door = new FrontDoor(settings.SocketPath, settings.TablePath, settings.Roles);
         _door.Refused += r => log.LogWarning("refused {Peer}: {Reason}", r.Peer, r.Reason);
         _door.SessionChanged += (s, started) => log.LogInformation("session {Id} of {Peer} as {Role} {State}", s.Id, s.Peer, s.Role, started ? "started" : "ended");

@@ -20,6 +20,8 @@ public sealed record AgentSettings(string SocketPath, string StateDirectory, int
 
     public string TablePath => Path.Combine(StateDirectory, "versions.table");
 
+    public string StatePath => Path.Combine(StateDirectory, "state.json");
+
     public static AgentSettings Load(IConfiguration configuration)
     {
         IConfigurationSection agent = configuration.GetSection(Section);

@@ -1,0 +1,111 @@
+using System.Text;
+using System.Text.Json;
+
+namespace NcclSwap.ControlPlane.State;
+
+/// <summary>The active version of a weight set: which version, in which slot, with which manifest digest.</summary>
+public sealed record ActiveVersion(ulong Version, int Slot, ulong ManifestDigest);
+
+/// <summary>What the agent must know about one weight set after a restart.</summary>
+public sealed record WeightSetState(string Name, ActiveVersion? Active, ulong LastGood, ulong HighestPublished);
+
+/// <summary>Everything the agent persists: its weight sets and how far the audit log has been written.</summary>
+public sealed record AgentState(IReadOnlyList<WeightSetState> WeightSets, long AuditPosition)
+{
+    public const string Format = "nccl-swap-state/1";
+
+    public static AgentState Empty { get; } = new([], 0);
+
+    public byte[] Serialize()
+    {
+        var stream = new MemoryStream();
+        using (var writer = new Utf8JsonWriter(stream, new JsonWriterOptions { Indented = true }))
+        {
+            writer.WriteStartObject();
+            writer.WriteString("format", Format);
+            writer.WriteNumber("audit_position", AuditPosition);
+            writer.WriteStartArray("weight_sets");
+            foreach (WeightSetState set in WeightSets)
+            {
+                writer.WriteStartObject();
+                writer.WriteString("name", set.Name);
+                if (set.Active is { } active)
+                {
+                    writer.WriteStartObject("active");
+                    writer.WriteNumber("version", active.Version);
+                    writer.WriteNumber("slot", active.Slot);
+                    writer.WriteString("manifest_digest", active.ManifestDigest.ToString("x16"));
+                    writer.WriteEndObject();
+                }
+                writer.WriteNumber("last_good", set.LastGood);
+                writer.WriteNumber("highest_published", set.HighestPublished);
+                writer.WriteEndObject();
+            }
+            writer.WriteEndArray();
+            writer.WriteEndObject();
+        }
+        return stream.ToArray();
+    }
+
+    public static AgentState Parse(ReadOnlySpan<byte> json, string source)
+    {
+        try
+        {
+            using JsonDocument document = JsonDocument.Parse(json.ToArray());
+            JsonElement root = document.RootElement;
+            if (root.GetProperty("format").GetString() != Format)
+                throw new InvalidDataException($"{source}: not an nccl-swap state file ({Format})");
+            var sets = new List<WeightSetState>();
+            foreach (JsonElement set in root.GetProperty("weight_sets").EnumerateArray())
+            {
+                ActiveVersion? active = set.TryGetProperty("active", out JsonElement a)
+                    ? new ActiveVersion(a.GetProperty("version").GetUInt64(), a.GetProperty("slot").GetInt32(),
+                        ulong.Parse(a.GetProperty("manifest_digest").GetString()!, System.Globalization.NumberStyles.AllowHexSpecifier))
+                    : null;
+                sets.Add(new WeightSetState(set.GetProperty("name").GetString()!, active, set.GetProperty("last_good").GetUInt64(), set.GetProperty("highest_published").GetUInt64()));
+            }
+            if (sets.GroupBy(s => s.Name).FirstOrDefault(g => g.Count() > 1) is { } twice)
+                throw new InvalidDataException($"{source}: weight set '{twice.Key}' appears twice");
+            return new AgentState(sets, root.GetProperty("audit_position").GetInt64());
+        }
+        catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException or FormatException or OverflowException)
+        {
+            throw new InvalidDataException($"{source}: the agent's state is damaged: {e.Message}", e);
+        }
+    }
+
+    public override string ToString() => Encoding.UTF8.GetString(Serialize());
+}
+
+/// <summary>
+/// Keeps <see cref="AgentState"/> in one file, replaced atomically: the new state is written to a temporary
+/// file beside it, flushed to disk, renamed over the old one, and the folder is flushed, so after a crash at
+/// any point the file holds either the old state or the new one, never a mixture.
+/// </summary>
+public sealed class StateStore(string path)
+{
+    public string Path { get; } = path;
+
+    private string Temporary => Path + ".partial";
+
+    /// <summary>The last state saved, or <see cref="AgentState.Empty"/> if there is none; a leftover partial write is discarded.</summary>
+    public AgentState Load()
+    {
+        if (File.Exists(Temporary))
+            File.Delete(Temporary); // a save that crashed before its rename: the old state stands
+        return File.Exists(Path) ? AgentState.Parse(File.ReadAllBytes(Path), Path) : AgentState.Empty;
+    }
+
+    public void Save(AgentState state)
+    {
+        string folder = System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(Path))!;
+        Directory.CreateDirectory(folder);
+        using (var file = new FileStream(Temporary, FileMode.Create, FileAccess.Write, FileShare.None))
+        {
+            file.Write(state.Serialize());
+            file.Flush(flushToDisk: true);
+        }
+        File.Move(Temporary, Path, overwrite: true);
+        Interop.Sys.FsyncDirectory(folder);
+    }
+}
