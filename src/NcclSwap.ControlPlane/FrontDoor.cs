@@ -191,6 +191,12 @@ public sealed class FrontDoor : IAsyncDisposable
             {
                 // Timed out, or the client went away: nothing to answer.
             }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or InvalidDataException)
+            {
+                // The agent's side failed (memfd, the table's file): the client is told, and nothing is left open.
+                Refused?.Invoke(new Refusal(peer, hello, $"the agent could not open the session: {e.Message}"));
+                await TrySend(client, Error($"the agent could not open the session: {e.Message}"));
+            }
             finally
             {
                 if (session is not null)

@@ -136,6 +136,27 @@ public sealed class FrontDoorTests : IAsyncDisposable
     }
 
     [Fact]
+    public async Task A_failure_on_the_agents_side_is_reported_to_the_client_and_leaves_nothing_open()
+    {
+        await using FrontDoor door = Open(Role.Consumer);
+        File.Move(_table.Path, _table.Path + ".moved"); // the table's file can no longer be opened for a client
+        try
+        {
+            var e = Assert.Throws<ChannelRefusedException>(() => ChannelClient.Connect(door.SocketPath, Role.Consumer, "llama"));
+            Assert.Contains("the agent could not open the session", e.Message);
+            var clock = Stopwatch.StartNew(); // the agent closes the half-open session just after it answers
+            while ((door.Sessions.Count > 0 || SessionDescriptors().Length > 0) && clock.Elapsed < TimeSpan.FromSeconds(5))
+                await Task.Delay(10, TestContext.Current.CancellationToken);
+            Assert.Empty(door.Sessions);
+            Assert.Empty(SessionDescriptors());
+        }
+        finally
+        {
+            File.Move(_table.Path + ".moved", _table.Path);
+        }
+    }
+
+    [Fact]
     public async Task An_overlong_hello_is_refused()
     {
         await using FrontDoor door = Open(Role.Consumer);
