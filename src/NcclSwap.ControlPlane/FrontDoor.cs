@@ -55,6 +55,7 @@ public sealed class FrontDoor : IAsyncDisposable
     private readonly Dictionary<long, Session> _sessions = [];
     private readonly List<Task> _serving = [];
     private readonly Lock _lock = new();
+    private static int s_doors;
     private long _nextSession;
 
     public FrontDoor(string socketPath, string tablePath, RolePolicy policy)
@@ -85,6 +86,9 @@ public sealed class FrontDoor : IAsyncDisposable
     public string SocketPath { get; }
 
     public string TablePath { get; }
+
+    /// <summary>How this front door's session rings are named (<c>memfd:PREFIX{id}-requests</c> in /proc/PID/fd).</summary>
+    public string SessionPrefix { get; } = $"nccl-swap-{Environment.ProcessId}.{Interlocked.Increment(ref s_doors)}-session-";
 
     /// <summary>Raised for every refused client, on a background thread.</summary>
     public event Action<Refusal>? Refused;
@@ -209,8 +213,8 @@ public sealed class FrontDoor : IAsyncDisposable
     {
         long id = Interlocked.Increment(ref _nextSession);
         int entryBytes = Marshal.SizeOf<Request>();
-        var requests = SharedRing.CreateAnonymous($"nccl-swap-session-{id}-requests", RingCapacity, entryBytes);
-        var responses = SharedRing.CreateAnonymous($"nccl-swap-session-{id}-responses", RingCapacity, entryBytes);
+        var requests = SharedRing.CreateAnonymous($"{SessionPrefix}{id}-requests", RingCapacity, entryBytes);
+        var responses = SharedRing.CreateAnonymous($"{SessionPrefix}{id}-responses", RingCapacity, entryBytes);
         var session = new Session(new SessionInfo(id, peer, role, weightSet, requests.Path, responses.Path), requests, responses);
         lock (_lock)
             _sessions.Add(id, session);

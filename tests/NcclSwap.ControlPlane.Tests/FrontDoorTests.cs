@@ -44,11 +44,11 @@ public sealed class FrontDoorTests : IAsyncDisposable
         return (socket, JsonDocument.Parse(reply.ToArray()));
     }
 
-    /// <summary>Descriptors this process holds on session rings (memfd:nccl-swap-session-…), from /proc/self/fd.</summary>
-    private static string[] SessionDescriptors() =>
+    /// <summary>Descriptors this process holds on <paramref name="door"/>'s session rings, from /proc/self/fd.</summary>
+    private static string[] SessionDescriptors(FrontDoor door) =>
         Directory.GetFiles("/proc/self/fd")
             .Select(fd => { try { return new FileInfo(fd).LinkTarget ?? ""; } catch (IOException) { return ""; } })
-            .Where(target => target.Contains("memfd:nccl-swap-session-", StringComparison.Ordinal))
+            .Where(target => target.Contains("memfd:" + door.SessionPrefix, StringComparison.Ordinal))
             .ToArray();
 
     [Fact]
@@ -67,7 +67,7 @@ public sealed class FrontDoorTests : IAsyncDisposable
             Assert.Equal(Environment.ProcessId, session.Peer.Pid); // from the kernel, not from the hello
             Assert.Equal(Me().Uid, session.Peer.Uid);
             Assert.Equal("llama", session.WeightSet);
-            Assert.Equal($"memfd:nccl-swap-session-{id}-requests", session.RequestsName);
+            Assert.Equal($"memfd:{door.SessionPrefix}{id}-requests", session.RequestsName);
             Assert.Empty(Directory.GetFiles(_folder, "*session*")); // nothing on disk
 
             // The table is the agent's, seen read-only; the rings are shared with the agent's ends.
@@ -81,13 +81,13 @@ public sealed class FrontDoorTests : IAsyncDisposable
             Assert.True(responses.Write(Messages.NewResponse(request, 0, "pong"), TimeSpan.FromSeconds(5)));
             Assert.True(client.Responses.Read(out Response response, TimeSpan.FromSeconds(5)));
             Assert.Equal(42UL, response.Id);
-            Assert.Equal(4, SessionDescriptors().Length); // the agent's two and the client's two
+            Assert.Equal(4, SessionDescriptors(door).Length); // the agent's two and the client's two
         }
         SessionInfo gone = await ended.Task.WaitAsync(TimeSpan.FromSeconds(10), TestContext.Current.CancellationToken);
         Assert.Equal(id, gone.Id);
         Assert.Empty(door.Sessions);
         Assert.False(door.TryGetRings(id, out _, out _));
-        Assert.Empty(SessionDescriptors());
+        Assert.Empty(SessionDescriptors(door));
     }
 
     [Theory]
@@ -109,7 +109,7 @@ public sealed class FrontDoorTests : IAsyncDisposable
             Assert.Contains(reason, reply.RootElement.GetProperty("error").GetString());
         }
         Assert.Empty(door.Sessions);
-        Assert.Empty(SessionDescriptors());
+        Assert.Empty(SessionDescriptors(door));
         var clock = Stopwatch.StartNew();
         while (refusals.Count == 0 && clock.Elapsed < TimeSpan.FromSeconds(5))
             await Task.Delay(10, TestContext.Current.CancellationToken);
@@ -129,7 +129,7 @@ public sealed class FrontDoorTests : IAsyncDisposable
             Assert.Single(door.Sessions);
             await door.DisposeAsync();
             Assert.Empty(door.Sessions);
-            Assert.Equal(2, SessionDescriptors().Length); // only the client's own ends are left
+            Assert.Equal(2, SessionDescriptors(door).Length); // only the client's own ends are left
             Assert.False(File.Exists(door.SocketPath));
         }
         await using FrontDoor next = Open(Role.Consumer); // the socket is free again
@@ -145,10 +145,10 @@ public sealed class FrontDoorTests : IAsyncDisposable
             var e = Assert.Throws<ChannelRefusedException>(() => ChannelClient.Connect(door.SocketPath, Role.Consumer, "llama"));
             Assert.Contains("the agent could not open the session", e.Message);
             var clock = Stopwatch.StartNew(); // the agent closes the half-open session just after it answers
-            while ((door.Sessions.Count > 0 || SessionDescriptors().Length > 0) && clock.Elapsed < TimeSpan.FromSeconds(5))
+            while ((door.Sessions.Count > 0 || SessionDescriptors(door).Length > 0) && clock.Elapsed < TimeSpan.FromSeconds(5))
                 await Task.Delay(10, TestContext.Current.CancellationToken);
             Assert.Empty(door.Sessions);
-            Assert.Empty(SessionDescriptors());
+            Assert.Empty(SessionDescriptors(door));
         }
         finally
         {
@@ -164,7 +164,7 @@ public sealed class FrontDoorTests : IAsyncDisposable
         using (socket)
         using (reply)
             Assert.Contains("longer than 4096 bytes", reply.RootElement.GetProperty("error").GetString());
-        Assert.Empty(SessionDescriptors());
+        Assert.Empty(SessionDescriptors(door));
     }
 
     [Fact]
