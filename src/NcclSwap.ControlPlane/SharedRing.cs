@@ -101,22 +101,14 @@ public sealed unsafe class SharedRing : IDisposable
     public bool Write(ReadOnlySpan<byte> entry, TimeSpan timeout)
     {
         fixed (byte* e = entry)
-        {
-            nint pointer = (nint)e;
-            int length = entry.Length;
-            return WaitFor(() => TryWrite(new ReadOnlySpan<byte>((byte*)pointer, length)), timeout);
-        }
+            return WaitFor(write: true, e, entry.Length, timeout);
     }
 
     /// <summary>Takes the oldest entry, waiting for one at most <paramref name="timeout"/>; false if none came.</summary>
     public bool Read(Span<byte> entry, TimeSpan timeout)
     {
         fixed (byte* e = entry)
-        {
-            nint pointer = (nint)e;
-            int length = entry.Length;
-            return WaitFor(() => TryRead(new Span<byte>((byte*)pointer, length)), timeout);
-        }
+            return WaitFor(write: false, e, entry.Length, timeout);
     }
 
     public bool TryWrite<T>(in T entry) where T : unmanaged => TryWrite(MemoryMarshal.AsBytes(new ReadOnlySpan<T>(in entry)));
@@ -135,11 +127,14 @@ public sealed unsafe class SharedRing : IDisposable
         return Read(MemoryMarshal.AsBytes(new Span<T>(ref entry)), timeout);
     }
 
-    private bool WaitFor(Func<bool> attempt, TimeSpan timeout)
+    // A local function, not a lambda: nothing is allocated per call on this hot path.
+    private bool WaitFor(bool write, byte* entry, int length, TimeSpan timeout)
     {
+        bool Attempt() => write ? TryWrite(new ReadOnlySpan<byte>(entry, length)) : TryRead(new Span<byte>(entry, length));
+
         for (int i = 0; i < SpinIterations; i++)
         {
-            if (attempt())
+            if (Attempt())
                 return true;
             Thread.SpinWait(20);
         }
@@ -152,7 +147,7 @@ public sealed unsafe class SharedRing : IDisposable
             try
             {
                 // Checked again after announcing the sleep: a step the other side took before it saw us is not missed.
-                if (attempt())
+                if (Attempt())
                     return true;
                 TimeSpan left = timeout - clock.Elapsed;
                 if (left <= TimeSpan.Zero)
