@@ -80,6 +80,36 @@ enum nccl_swap_request_kind {
     NCCL_SWAP_REQ_ACK = 3,
     NCCL_SWAP_REQ_ROLLBACK = 4,
     NCCL_SWAP_REQ_STATUS = 5,
+    NCCL_SWAP_REQ_COPY_IN = 6,
+};
+
+/*
+ * What each request means (the session's role and weight set come from the front door, never from the entry):
+ *   PING      any role: answered at once.
+ *   PUBLISH   publisher: `version` (greater than every version published before) is snapshotted from the tensors
+ *             the publisher registered into the agent's staging; answered once the snapshot is taken, or with
+ *             NCCL_SWAP_PUBLISH_WAIT in `flags` once the version is activated, superseded or failed.
+ *   ACK       consumer (flip): `version` holds the state word the consumer now serves.
+ *   ROLLBACK  operator: re-activates the last good version; answered once it is active (or it failed).
+ *   STATUS    any role: `version` 0 asks for the weight set's state; otherwise for that version's outcome.
+ *   COPY_IN   consumer (copy-in), at a step boundary while it does not read its weights: the agent copies
+ *             the active version into the consumer's buffers, verifies them and answers with the state word
+ *             of what the buffers now hold in `version`.
+ * `weight_set` must be the session's row in the version table.
+ */
+#define NCCL_SWAP_PUBLISH_WAIT 0x1u
+
+enum nccl_swap_status {
+    NCCL_SWAP_OK = 0,
+    NCCL_SWAP_E_NOT_PERMITTED = -1,  /* EPERM: the session's role may not make this request */
+    NCCL_SWAP_E_NOT_FOUND = -2,      /* ENOENT: no such version (or no last good version to return to) */
+    NCCL_SWAP_E_BUSY = -16,          /* EBUSY */
+    NCCL_SWAP_E_INVALID = -22,       /* EINVAL: malformed entry, or a request that does not fit the session */
+    NCCL_SWAP_E_NOT_IMPLEMENTED = -38, /* ENOSYS */
+    NCCL_SWAP_E_CORRUPT = -74,       /* EBADMSG: bytes did not match their digest; nothing was activated */
+    NCCL_SWAP_E_TIMED_OUT = -110,    /* ETIMEDOUT */
+    NCCL_SWAP_E_STALE = -116,        /* ESTALE: not newer than a version already published */
+    NCCL_SWAP_E_CANCELED = -125,     /* ECANCELED: superseded by a newer version, or abandoned at shutdown */
 };
 
 typedef struct nccl_swap_request {

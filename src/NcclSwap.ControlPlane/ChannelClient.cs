@@ -1,11 +1,19 @@
 using System.Net.Sockets;
 using System.Text;
 using System.Text.Json;
+using NcclSwap.ControlPlane.Abi;
+using NcclSwap.WeightSets;
 
 namespace NcclSwap.ControlPlane;
 
 /// <summary>The refusal of the agent's front door, with its reason.</summary>
 public sealed class ChannelRefusedException(string message) : Exception(message);
+
+/// <summary>The agent closed the session (it stopped, died, or ended the lease) while a request waited.</summary>
+public sealed class ChannelClosedException(string message) : IOException(message);
+
+/// <summary>What a client registers with its hello: where its tensors lie, and the regions (one layout for all) that hold them.</summary>
+public sealed record RegistrationRequest(RegionLayout Layout, IReadOnlyList<WeightRegion> Regions, string? Mode = null, ulong Serving = 0);
 
 /// <summary>
 /// A client's session with the agent (the C# counterpart of the Python client's <c>connect</c>): the version
@@ -14,8 +22,9 @@ public sealed class ChannelRefusedException(string message) : Exception(message)
 public sealed class ChannelClient : IDisposable
 {
     private readonly Socket _socket;
+    private long _nextId;
 
-    private ChannelClient(Socket socket, long session, Role role, VersionTable table, SharedRing requests, SharedRing responses)
+    private ChannelClient(Socket socket, long session, Role role, VersionTable table, SharedRing requests, SharedRing responses, int row, ulong state)
     {
         _socket = socket;
         Session = session;
@@ -23,7 +32,79 @@ public sealed class ChannelClient : IDisposable
         Table = table;
         Requests = requests;
         Responses = responses;
+        Row = row;
+        WelcomeState = state;
     }
+
+    /// <summary>The weight set's row in the version table (-1 when the front door has no agent behind it).</summary>
+    public int Row { get; }
+
+    /// <summary>The active state when the agent accepted this client.</summary>
+    public ulong WelcomeState { get; }
+
+    /// <summary>False once the agent has closed the session (checked with a poll of the socket: a system call, not for every step).</summary>
+    public bool IsAlive => !(_socket.Poll(0, SelectMode.SelectRead) && _socket.Available == 0);
+
+    /// <summary>Blocks until the agent closes the session (or this client is disposed).</summary>
+    public void WaitUntilClosed()
+    {
+        byte[] sink = new byte[64];
+        try
+        {
+            while (_socket.Receive(sink) > 0)
+            {
+            }
+        }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        {
+        }
+    }
+
+    /// <summary>A request of this session: a fresh id, this session's row.</summary>
+    public Request NewRequest(RequestKind kind, ulong version = 0, ushort flags = 0) =>
+        Messages.NewRequest(kind, (ulong)Interlocked.Increment(ref _nextId), version, (uint)Math.Max(Row, 0)) with { Flags = flags };
+
+    /// <summary>
+    /// Sends <paramref name="request"/> and waits for its response (others that arrive first, such as answers to
+    /// acknowledgements nobody waited for, are dropped). Throws <see cref="ChannelClosedException"/> if the agent
+    /// goes away, <see cref="TimeoutException"/> after <paramref name="timeout"/>.
+    /// </summary>
+    public Response Call(in Request request, TimeSpan timeout)
+    {
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (!Requests.Write(request, TimeSpan.FromMilliseconds(50)))
+            Check(request, clock, timeout);
+        while (true)
+        {
+            if (Responses.Read(out Response response, TimeSpan.FromMilliseconds(50)))
+            {
+                if (response.Id == request.Id)
+                    return response;
+                continue;
+            }
+            Check(request, clock, timeout);
+        }
+    }
+
+    /// <summary>Drops responses nobody waits for (to fire-and-forget requests), so the ring never fills.</summary>
+    public void DrainResponses()
+    {
+        while (Responses.TryRead(out Response _))
+        {
+        }
+    }
+
+    private void Check(in Request request, System.Diagnostics.Stopwatch clock, TimeSpan timeout)
+    {
+        if (!IsAlive)
+            throw new ChannelClosedException($"the agent closed session {Session} while {((RequestKind)request.Kind).ToString().ToLowerInvariant()} {request.Id} waited");
+        if (clock.Elapsed > timeout)
+            throw new TimeoutException($"no answer to {((RequestKind)request.Kind).ToString().ToLowerInvariant()} {request.Id} within {timeout.TotalSeconds:0.###} s");
+    }
+
+    /// <summary>The detail text of a response.</summary>
+    public static string Detail(in Response response) =>
+        Encoding.UTF8.GetString(System.Runtime.InteropServices.MemoryMarshal.AsBytes(new ReadOnlySpan<PayloadBytes>(in response.Detail))[..(int)Math.Min(response.DetailBytes, AbiConstants.PayloadBytes)]);
 
     public long Session { get; }
 
@@ -37,7 +118,7 @@ public sealed class ChannelClient : IDisposable
     /// <summary>The agent's responses arrive here.</summary>
     public SharedRing Responses { get; }
 
-    public static ChannelClient Connect(string socketPath, Role role, string weightSet, TimeSpan? timeout = null)
+    public static ChannelClient Connect(string socketPath, Role role, string weightSet, TimeSpan? timeout = null, RegistrationRequest? registration = null)
     {
         var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         int[] descriptors = [];
@@ -51,11 +132,23 @@ public sealed class ChannelClient : IDisposable
                 writer.WriteStartObject();
                 writer.WriteString("role", role.ToString().ToLowerInvariant());
                 writer.WriteString("weight_set", weightSet);
+                if (registration is not null)
+                {
+                    writer.WritePropertyName("tensors");
+                    registration.Layout.WriteJson(writer);
+                    writer.WriteStartArray("regions");
+                    foreach (WeightRegion region in registration.Regions)
+                        writer.WriteStringValue(region.Name);
+                    writer.WriteEndArray();
+                    if (registration.Mode is not null)
+                        writer.WriteString("mode", registration.Mode);
+                    writer.WriteNumber("serving", registration.Serving);
+                }
                 writer.WriteEndObject();
             }
-            string hello = Encoding.UTF8.GetString(json.ToArray()) + "\n";
-            socket.Send(Encoding.UTF8.GetBytes(hello));
-            byte[] buffer = new byte[FrontDoor.MaxHelloBytes];
+            json.WriteByte((byte)'\n');
+            FdPassing.Send(socket, json.ToArray(), registration?.Regions.Select(r => r.Descriptor).ToArray() ?? []);
+            byte[] buffer = new byte[64 << 10];
             (int length, descriptors) = FdPassing.Receive(socket, buffer);
             if (length == 0)
                 throw new ChannelRefusedException($"{socketPath}: the agent closed the connection without an answer");
@@ -65,11 +158,14 @@ public sealed class ChannelClient : IDisposable
             if (descriptors.Length != 3)
                 throw new IOException($"{socketPath}: the agent sent {descriptors.Length} descriptors, not 3 (table, requests, responses)");
             long session = reply.RootElement.GetProperty("session").GetInt64();
+            int row = reply.RootElement.TryGetProperty("row", out JsonElement r) ? r.GetInt32() : -1;
+            ulong state = reply.RootElement.TryGetProperty("state", out JsonElement st) ? st.GetUInt64() : 0;
             VersionTable table = VersionTable.FromDescriptor(descriptors[0]);
             SharedRing requests = SharedRing.FromDescriptor(descriptors[1], $"session {session} requests");
             SharedRing responses = SharedRing.FromDescriptor(descriptors[2], $"session {session} responses");
             descriptors = [];
-            return new ChannelClient(socket, session, role, table, requests, responses);
+            socket.ReceiveTimeout = 0; // from now on the socket only tells when the session ends (WaitUntilClosed)
+            return new ChannelClient(socket, session, role, table, requests, responses, row, state);
         }
         catch
         {

@@ -8,11 +8,17 @@ internal static unsafe class FdPassing
 {
     public const int MaxDescriptors = 8;
 
-    /// <summary>Sends <paramref name="bytes"/> (at most one message) with <paramref name="descriptors"/> attached.</summary>
+    /// <summary>Sends <paramref name="bytes"/> with <paramref name="descriptors"/> attached (to the first byte); blocks until all is sent.</summary>
     public static void Send(Socket socket, ReadOnlySpan<byte> bytes, ReadOnlySpan<int> descriptors)
     {
-        if (descriptors.Length is 0 or > MaxDescriptors)
-            throw new ArgumentException($"1 to {MaxDescriptors} descriptors, not {descriptors.Length}");
+        if (descriptors.Length > MaxDescriptors)
+            throw new ArgumentException($"at most {MaxDescriptors} descriptors, not {descriptors.Length}");
+        if (descriptors.Length == 0)
+        {
+            for (int sent = 0; sent < bytes.Length;)
+                sent += socket.Send(bytes[sent..]);
+            return;
+        }
         int dataBytes = descriptors.Length * sizeof(int);
         int space = sizeof(Interop.Sys.CmsgHdr) + ((dataBytes + 7) & ~7);
         byte* control = stackalloc byte[space];
@@ -27,13 +33,18 @@ internal static unsafe class FdPassing
             var iov = new Interop.Sys.IoVec { Base = (nint)data, Length = (nuint)bytes.Length };
             var message = new Interop.Sys.MsgHdr { Iov = (nint)(&iov), IovLength = 1, Control = (nint)control, ControlLength = (nuint)space };
             nint sent = Interop.Sys.SendMsg((int)socket.SafeHandle.DangerousGetHandle(), &message, 0);
-            if (sent != bytes.Length)
-                throw new IOException($"sendmsg sent {sent} of {bytes.Length} bytes (errno {Marshal.GetLastPInvokeError()})");
+            if (sent < 0)
+                throw new IOException($"sendmsg failed (errno {Marshal.GetLastPInvokeError()})");
+            for (int done = (int)sent; done < bytes.Length;) // the descriptors went with the first part
+                done += socket.Send(bytes[done..]);
         }
     }
 
-    /// <summary>Receives one message into <paramref name="buffer"/>; returns its length and the descriptors that came with it (the caller owns them).</summary>
-    public static (int Length, int[] Descriptors) Receive(Socket socket, Span<byte> buffer)
+    /// <summary>
+    /// Receives one message into <paramref name="buffer"/>; returns its length and the descriptors that came with
+    /// it (the caller owns them). With <paramref name="dontWait"/>, a length of -1 means nothing was there yet.
+    /// </summary>
+    public static (int Length, int[] Descriptors) Receive(Socket socket, Span<byte> buffer, bool dontWait = false)
     {
         int space = sizeof(Interop.Sys.CmsgHdr) + MaxDescriptors * sizeof(int);
         byte* control = stackalloc byte[space];
@@ -41,9 +52,15 @@ internal static unsafe class FdPassing
         {
             var iov = new Interop.Sys.IoVec { Base = (nint)data, Length = (nuint)buffer.Length };
             var message = new Interop.Sys.MsgHdr { Iov = (nint)(&iov), IovLength = 1, Control = (nint)control, ControlLength = (nuint)space };
-            nint received = Interop.Sys.RecvMsg((int)socket.SafeHandle.DangerousGetHandle(), &message, 0x40000000 /* MSG_CMSG_CLOEXEC */);
+            int flags = 0x40000000 /* MSG_CMSG_CLOEXEC */ | (dontWait ? 0x40 /* MSG_DONTWAIT */ : 0);
+            nint received = Interop.Sys.RecvMsg((int)socket.SafeHandle.DangerousGetHandle(), &message, flags);
             if (received < 0)
-                throw new IOException($"recvmsg failed (errno {Marshal.GetLastPInvokeError()})");
+            {
+                int errno = Marshal.GetLastPInvokeError();
+                if (dontWait && errno is 11 /* EAGAIN */ or 4 /* EINTR */)
+                    return (-1, []);
+                throw new IOException($"recvmsg failed (errno {errno})");
+            }
             var descriptors = new List<int>();
             if (message.ControlLength >= (nuint)sizeof(Interop.Sys.CmsgHdr))
             {

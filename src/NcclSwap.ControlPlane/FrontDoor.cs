@@ -1,7 +1,9 @@
+using System.Diagnostics;
 using System.Net.Sockets;
 using System.Runtime.InteropServices;
 using System.Text;
 using System.Text.Json;
+using Microsoft.Win32.SafeHandles;
 using NcclSwap.ControlPlane.Abi;
 
 namespace NcclSwap.ControlPlane;
@@ -36,6 +38,28 @@ public sealed class RolePolicy
 /// <summary>A refused connection, for the audit log: who, what they asked for, and why not.</summary>
 public readonly record struct Refusal(PeerIdentity Peer, string Request, string Reason);
 
+/// <summary>Thrown by an <see cref="ISessionHost"/> (or the front door itself) to refuse a client; the message is the reason it is told.</summary>
+public sealed class SessionRefusedException(string message) : Exception(message);
+
+/// <summary>What the agent tells a client it accepted, beyond the descriptors: its weight set's row and the state to start from.</summary>
+public readonly record struct SessionWelcome(int Row, ulong State);
+
+/// <summary>
+/// What the agent does with a client the front door let in, before the client is answered: reads the rest of
+/// its hello (what it registers: tensors, regions), takes the descriptors that came with it, and says where the
+/// client starts. <see cref="Close"/> follows every successful <see cref="Open"/> when the session ends.
+/// </summary>
+public interface ISessionHost
+{
+    /// <summary>
+    /// Accepts <paramref name="session"/> or throws <see cref="SessionRefusedException"/> with the reason. Owns
+    /// <paramref name="descriptors"/> (the hello's SCM_RIGHTS, in order) from the call on, refused or not.
+    /// </summary>
+    SessionWelcome Open(SessionInfo session, JsonElement hello, IReadOnlyList<Microsoft.Win32.SafeHandles.SafeFileHandle> descriptors);
+
+    void Close(SessionInfo session);
+}
+
 /// <summary>
 /// The agent's front door: a Unix socket where a client says which role it wants, the agent checks the
 /// peer's kernel identity against the policy and answers with a line of JSON that carries, as SCM_RIGHTS
@@ -45,11 +69,13 @@ public readonly record struct Refusal(PeerIdentity Peer, string Request, string 
 /// </summary>
 public sealed class FrontDoor : IAsyncDisposable
 {
-    public const int MaxHelloBytes = 4096;
+    /// <summary>The longest hello: a registration lists every tensor of a weight set.</summary>
+    public const int MaxHelloBytes = 1 << 20;
     public const int RingCapacity = 64;
 
     private readonly Socket _listener;
     private readonly RolePolicy _policy;
+    private readonly ISessionHost? _host;
     private readonly CancellationTokenSource _stop = new();
     private readonly Task _accepting;
     private readonly Dictionary<long, Session> _sessions = [];
@@ -58,11 +84,12 @@ public sealed class FrontDoor : IAsyncDisposable
     private static int s_doors;
     private long _nextSession;
 
-    public FrontDoor(string socketPath, string tablePath, RolePolicy policy)
+    public FrontDoor(string socketPath, string tablePath, RolePolicy policy, ISessionHost? host = null)
     {
         SocketPath = socketPath;
         TablePath = tablePath;
         _policy = policy;
+        _host = host;
         if (File.Exists(socketPath))
         {
             using var probe = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
@@ -125,6 +152,28 @@ public sealed class FrontDoor : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// Ends session <paramref name="id"/> from the agent's side (its lease expired, say): the connection is shut
+    /// down, so the client sees it close, and the session is closed as if the client had left. False if it had ended.
+    /// </summary>
+    public bool End(long id, string reason)
+    {
+        Session? session;
+        lock (_lock)
+            _sessions.TryGetValue(id, out session);
+        if (session is null)
+            return false;
+        session.EndReason = reason;
+        try
+        {
+            session.Socket.Shutdown(SocketShutdown.Both);
+        }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        {
+        }
+        return true;
+    }
+
     /// <summary>For tests: the rings of a live session; unsafe once it may have ended (use <see cref="TryUse"/>).</summary>
     internal bool TryGetRings(long id, out SharedRing requests, out SharedRing responses)
     {
@@ -165,30 +214,46 @@ public sealed class FrontDoor : IAsyncDisposable
             PeerIdentity peer = Identify(client);
             string hello = "";
             Session? session = null;
+            bool welcomed = false;
             try
             {
-                using var helloTimeout = CancellationTokenSource.CreateLinkedTokenSource(_stop.Token);
-                helloTimeout.CancelAfter(TimeSpan.FromSeconds(10));
-                hello = await ReadLine(client, helloTimeout.Token);
-                (Role role, string weightSet) = ParseHello(hello);
-                Role granted = _policy.For(peer);
-                if ((granted & role) == 0)
-                    throw new RefusedException($"{peer} may not act as {role.ToString().ToLowerInvariant()} (granted: {granted})");
-                session = Open(peer, role, weightSet);
+                (hello, List<SafeFileHandle> descriptors) = ReadHello(client, TimeSpan.FromSeconds(10), _stop.Token);
+                SessionWelcome welcome = default;
+                try
+                {
+                    using JsonDocument document = ParseJson(hello);
+                    (Role role, string weightSet) = ParseHello(document.RootElement);
+                    Role granted = _policy.For(peer);
+                    if ((granted & role) == 0)
+                        throw new SessionRefusedException($"{peer} may not act as {role.ToString().ToLowerInvariant()} (granted: {granted})");
+                    session = Open(peer, role, weightSet, client);
+                    if (_host is not null)
+                    {
+                        List<SafeFileHandle> handed = descriptors;
+                        descriptors = [];
+                        welcome = _host.Open(session.Info, document.RootElement, handed);
+                        welcomed = true;
+                    }
+                }
+                finally
+                {
+                    foreach (SafeFileHandle descriptor in descriptors)
+                        descriptor.Dispose();
+                }
                 using (var table = File.OpenHandle(TablePath, FileMode.Open, FileAccess.Read, FileShare.ReadWrite))
-                    FdPassing.Send(client, Encoding.UTF8.GetBytes(Reply(session.Info)),
+                    FdPassing.Send(client, Encoding.UTF8.GetBytes(Reply(session.Info, welcome)),
                         [(int)table.DangerousGetHandle(), session.Requests.Descriptor, session.Responses.Descriptor]);
                 SessionChanged?.Invoke(session.Info, true);
 
-                // The lease: the session lives until the client closes its end (or dies).
+                // The lease: the session lives until the client closes its end (or dies), or the agent ends it.
                 byte[] sink = new byte[256];
                 while (await client.ReceiveAsync(sink, SocketFlags.None, _stop.Token) > 0)
                 {
                 }
             }
-            catch (RefusedException e)
+            catch (SessionRefusedException e)
             {
-                Refused?.Invoke(new Refusal(peer, hello, e.Message));
+                Refused?.Invoke(new Refusal(peer, Shorten(hello), e.Message));
                 await TrySend(client, Error(e.Message));
             }
             catch (Exception e) when (e is OperationCanceledException or SocketException or ObjectDisposedException)
@@ -198,30 +263,32 @@ public sealed class FrontDoor : IAsyncDisposable
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or InvalidDataException)
             {
                 // The agent's side failed (memfd, the table's file): the client is told, and nothing is left open.
-                Refused?.Invoke(new Refusal(peer, hello, $"the agent could not open the session: {e.Message}"));
+                Refused?.Invoke(new Refusal(peer, Shorten(hello), $"the agent could not open the session: {e.Message}"));
                 await TrySend(client, Error($"the agent could not open the session: {e.Message}"));
             }
             finally
             {
                 if (session is not null)
-                    Close(session);
+                    Close(session, welcomed);
             }
         }
     }
 
-    private Session Open(PeerIdentity peer, Role role, string weightSet)
+    private static string Shorten(string hello) => hello.Length <= 512 ? hello : hello[..512] + $"… ({hello.Length} characters)";
+
+    private Session Open(PeerIdentity peer, Role role, string weightSet, Socket socket)
     {
         long id = Interlocked.Increment(ref _nextSession);
         int entryBytes = Marshal.SizeOf<Request>();
         var requests = SharedRing.CreateAnonymous($"{SessionPrefix}{id}-requests", RingCapacity, entryBytes);
         var responses = SharedRing.CreateAnonymous($"{SessionPrefix}{id}-responses", RingCapacity, entryBytes);
-        var session = new Session(new SessionInfo(id, peer, role, weightSet, requests.Path, responses.Path), requests, responses);
+        var session = new Session(new SessionInfo(id, peer, role, weightSet, requests.Path, responses.Path), requests, responses, socket);
         lock (_lock)
             _sessions.Add(id, session);
         return session;
     }
 
-    private void Close(Session session)
+    private void Close(Session session, bool welcomed)
     {
         lock (_lock)
             _sessions.Remove(session.Info.Id);
@@ -231,10 +298,12 @@ public sealed class FrontDoor : IAsyncDisposable
             session.Requests.Dispose();
             session.Responses.Dispose();
         }
-        SessionChanged?.Invoke(session.Info, false);
+        if (welcomed)
+            _host!.Close(session.Info);
+        SessionChanged?.Invoke(session.Info with { EndReason = session.EndReason }, false);
     }
 
-    private string Reply(SessionInfo info)
+    private string Reply(SessionInfo info, SessionWelcome welcome)
     {
         var stream = new MemoryStream();
         using (var writer = new Utf8JsonWriter(stream))
@@ -250,6 +319,11 @@ public sealed class FrontDoor : IAsyncDisposable
             writer.WriteStringValue("responses");
             writer.WriteEndArray();
             writer.WriteNumber("entry_bytes", Marshal.SizeOf<Request>());
+            if (_host is not null)
+            {
+                writer.WriteNumber("row", welcome.Row);
+                writer.WriteNumber("state", welcome.State);
+            }
             writer.WriteEndObject();
         }
         return Encoding.UTF8.GetString(stream.ToArray()) + "\n";
@@ -268,31 +342,37 @@ public sealed class FrontDoor : IAsyncDisposable
         return [.. stream.ToArray(), (byte)'\n'];
     }
 
-    /// <summary>The hello: <c>{"role": "publisher|consumer|operator", "weight_set": "name"}</c> on one line.</summary>
-    internal static (Role Role, string WeightSet) ParseHello(string line)
+    /// <summary>
+    /// The hello: one line of JSON, <c>{"role": "publisher|consumer|operator", "weight_set": "name", …}</c>; what
+    /// else it holds (a registration) is the session host's to read.
+    /// </summary>
+    internal static (Role Role, string WeightSet) ParseHello(JsonElement root)
+    {
+        if (root.ValueKind != JsonValueKind.Object)
+            throw new SessionRefusedException("the hello must be a JSON object");
+        string? role = root.TryGetProperty("role", out JsonElement r) && r.ValueKind == JsonValueKind.String ? r.GetString() : null;
+        string? weightSet = root.TryGetProperty("weight_set", out JsonElement w) && w.ValueKind == JsonValueKind.String ? w.GetString() : null;
+        Role parsed = role switch
+        {
+            "publisher" => Role.Publisher,
+            "consumer" => Role.Consumer,
+            "operator" => Role.Operator,
+            _ => throw new SessionRefusedException($"unknown role '{role}' (publisher, consumer or operator)"),
+        };
+        if (string.IsNullOrEmpty(weightSet) || Encoding.UTF8.GetByteCount(weightSet) >= AbiConstants.NameBytes)
+            throw new SessionRefusedException($"weight_set must be a name of 1 to {AbiConstants.NameBytes - 1} bytes");
+        return (parsed, weightSet);
+    }
+
+    private static JsonDocument ParseJson(string line)
     {
         try
         {
-            using JsonDocument document = JsonDocument.Parse(line);
-            JsonElement root = document.RootElement;
-            if (root.ValueKind != JsonValueKind.Object)
-                throw new RefusedException("the hello must be a JSON object");
-            string? role = root.TryGetProperty("role", out JsonElement r) && r.ValueKind == JsonValueKind.String ? r.GetString() : null;
-            string? weightSet = root.TryGetProperty("weight_set", out JsonElement w) && w.ValueKind == JsonValueKind.String ? w.GetString() : null;
-            Role parsed = role switch
-            {
-                "publisher" => Role.Publisher,
-                "consumer" => Role.Consumer,
-                "operator" => Role.Operator,
-                _ => throw new RefusedException($"unknown role '{role}' (publisher, consumer or operator)"),
-            };
-            if (string.IsNullOrEmpty(weightSet) || Encoding.UTF8.GetByteCount(weightSet) >= AbiConstants.NameBytes)
-                throw new RefusedException($"weight_set must be a name of 1 to {AbiConstants.NameBytes - 1} bytes");
-            return (parsed, weightSet);
+            return JsonDocument.Parse(line);
         }
         catch (JsonException e)
         {
-            throw new RefusedException($"the hello is not JSON: {e.Message}");
+            throw new SessionRefusedException($"the hello is not JSON: {e.Message}");
         }
     }
 
@@ -303,21 +383,49 @@ public sealed class FrontDoor : IAsyncDisposable
         return new PeerIdentity(BitConverter.ToInt32(credentials), BitConverter.ToUInt32(credentials[4..]), BitConverter.ToUInt32(credentials[8..]));
     }
 
-    private static async Task<string> ReadLine(Socket client, CancellationToken cancel)
+    /// <summary>
+    /// Reads the hello line and the descriptors sent with it (SCM_RIGHTS, which a plain receive would drop), waiting
+    /// at most <paramref name="timeout"/>. The caller owns the descriptors.
+    /// </summary>
+    private static (string Line, List<SafeFileHandle> Descriptors) ReadHello(Socket client, TimeSpan timeout, CancellationToken stop)
     {
-        byte[] buffer = new byte[MaxHelloBytes];
-        int length = 0;
-        while (true)
+        var descriptors = new List<SafeFileHandle>();
+        try
         {
-            int read = await client.ReceiveAsync(buffer.AsMemory(length), SocketFlags.None, cancel);
-            if (read == 0)
-                throw new RefusedException("the client closed the connection before its hello ended");
-            int newline = Array.IndexOf(buffer, (byte)'\n', length, read);
-            length += read;
-            if (newline >= 0)
-                return Encoding.UTF8.GetString(buffer, 0, newline);
-            if (length == buffer.Length)
-                throw new RefusedException($"the hello is longer than {MaxHelloBytes} bytes");
+            byte[] buffer = new byte[64 << 10];
+            int length = 0;
+            var clock = Stopwatch.StartNew();
+            while (true)
+            {
+                if (length == buffer.Length)
+                {
+                    if (buffer.Length >= MaxHelloBytes)
+                        throw new SessionRefusedException($"the hello is longer than {MaxHelloBytes} bytes");
+                    Array.Resize(ref buffer, Math.Min(MaxHelloBytes, buffer.Length * 2));
+                }
+                TimeSpan left = timeout - clock.Elapsed;
+                if (left <= TimeSpan.Zero || stop.IsCancellationRequested)
+                    throw new OperationCanceledException("no complete hello in time");
+                if (!client.Poll(left < TimeSpan.FromMilliseconds(100) ? left : TimeSpan.FromMilliseconds(100), SelectMode.SelectRead))
+                    continue;
+                (int read, int[] received) = FdPassing.Receive(client, buffer.AsSpan(length), dontWait: true);
+                foreach (int fd in received)
+                    descriptors.Add(new SafeFileHandle(fd, ownsHandle: true));
+                if (read < 0)
+                    continue; // nothing after all (EAGAIN)
+                if (read == 0)
+                    throw new SessionRefusedException("the client closed the connection before its hello ended");
+                int newline = Array.IndexOf(buffer, (byte)'\n', length, read);
+                length += read;
+                if (newline >= 0)
+                    return (Encoding.UTF8.GetString(buffer, 0, newline), descriptors);
+            }
+        }
+        catch
+        {
+            foreach (SafeFileHandle descriptor in descriptors)
+                descriptor.Dispose();
+            throw;
         }
     }
 
@@ -351,13 +459,21 @@ public sealed class FrontDoor : IAsyncDisposable
         File.Delete(SocketPath);
     }
 
-    private sealed record Session(SessionInfo Info, SharedRing Requests, SharedRing Responses)
+    private sealed record Session(SessionInfo Info, SharedRing Requests, SharedRing Responses, Socket Socket)
     {
         public bool Closed { get; set; }
-    }
 
-    private sealed class RefusedException(string message) : Exception(message);
+        public string? EndReason { get; set; }
+    }
 }
 
-/// <summary>One connected client; its rings are named as they appear in /proc/PID/fd (memfd:…).</summary>
-public sealed record SessionInfo(long Id, PeerIdentity Peer, Role Role, string WeightSet, string RequestsName, string ResponsesName);
+/// <summary>
+/// One connected client; its rings are named as they appear in /proc/PID/fd (memfd:…). When the session has
+/// ended, <see cref="EndReason"/> says why if the agent ended it (null when the client left).
+/// </summary>
+public sealed record SessionInfo(long Id, PeerIdentity Peer, Role Role, string WeightSet, string RequestsName, string ResponsesName)
+{
+    public string? EndReason { get; init; }
+
+    public override string ToString() => $"session {Id} of {Peer} as {Role.ToString().ToLowerInvariant()} of '{WeightSet}'";
+}

@@ -5,16 +5,12 @@ namespace NcclSwap.ControlPlane;
 /// <summary>What the agent does with a well-formed request from a client allowed to make it.</summary>
 public interface IRequestHandler
 {
-    Response Handle(SessionInfo session, in Request request);
-}
-
-/// <summary>Status codes of responses: 0 or a negative errno.</summary>
-public static class Status
-{
-    public const int Ok = 0;
-    public const int NotPermitted = -1;   // EPERM: the session's role may not make this request
-    public const int Invalid = -22;       // EINVAL: the entry is not a well-formed request
-    public const int NotImplemented = -38; // ENOSYS
+    /// <summary>
+    /// The response, or null when the work takes longer (a snapshot, a copy): the handler then answers exactly
+    /// once, from any thread, with <see cref="RequestDispatcher.Reply"/>. Called on the dispatcher's thread, which
+    /// serves every session: it must not block.
+    /// </summary>
+    Response? Handle(SessionInfo session, in Request request, RequestDispatcher dispatcher);
 }
 
 /// <summary>
@@ -32,11 +28,13 @@ public sealed class RequestDispatcher : IDisposable
         [RequestKind.Publish] = Role.Publisher,
         [RequestKind.Ack] = Role.Consumer,
         [RequestKind.Rollback] = Role.Operator,
+        [RequestKind.CopyIn] = Role.Consumer,
     };
 
     private readonly FrontDoor _door;
     private readonly IRequestHandler _handler;
     private readonly Thread _thread;
+    private readonly System.Collections.Concurrent.ConcurrentQueue<(long Session, Response Response)> _later = new();
     private volatile bool _stopping;
     private long _handled;
     private long _refused;
@@ -57,6 +55,9 @@ public sealed class RequestDispatcher : IDisposable
 
     /// <summary>Raised for every refused request, on the dispatcher's thread, with the reason: for the audit log.</summary>
     public event Action<SessionInfo, Request, string>? RequestRefused;
+
+    /// <summary>Answers a request whose handler returned null; the response goes out on the dispatcher's thread (rings have one producer).</summary>
+    public void Reply(long session, in Response response) => _later.Enqueue((session, response));
 
     /// <summary>What is wrong with <paramref name="request"/> from <paramref name="session"/>, or null if it may be handled.</summary>
     public static (int Status, string Reason)? Check(SessionInfo session, in Request request)
@@ -85,7 +86,9 @@ public sealed class RequestDispatcher : IDisposable
             else
             {
                 Interlocked.Increment(ref _handled);
-                response = _handler.Handle(session, request);
+                if (_handler.Handle(session, request, this) is not { } now)
+                    continue;
+                response = now;
             }
             // A client that does not drain its responses loses them, not the agent its thread.
             responses.Write(response, TimeSpan.FromMilliseconds(100));
@@ -99,6 +102,11 @@ public sealed class RequestDispatcher : IDisposable
         while (!_stopping)
         {
             bool any = false;
+            while (_later.TryDequeue(out var later))
+            {
+                any = true;
+                _door.TryUse(later.Session, (_, responses) => responses.Write(later.Response, TimeSpan.FromMilliseconds(100)));
+            }
             foreach (SessionInfo session in _door.Sessions)
                 _door.TryUse(session.Id, (requests, responses) => any |= Serve(session, requests, responses));
             if (any)

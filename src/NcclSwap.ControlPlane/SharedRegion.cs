@@ -41,10 +41,14 @@ internal sealed unsafe class SharedRegion : IDisposable
         ? throw new InvalidOperationException($"{Path} is a file, not an anonymous region")
         : (int)_descriptor.SafeFileHandle.DangerousGetHandle();
 
-    /// <summary>An anonymous region of <paramref name="length"/> zero bytes (memfd_create), named for /proc listings.</summary>
-    public static SharedRegion CreateAnonymous(string name, long length)
+    /// <summary>
+    /// An anonymous region of <paramref name="length"/> zero bytes (memfd_create), named for /proc listings. With
+    /// <paramref name="sealed"/> its size is sealed (it can neither shrink nor grow), which the agent requires of
+    /// any region it maps from a client.
+    /// </summary>
+    public static SharedRegion CreateAnonymous(string name, long length, bool @sealed = false)
     {
-        int fd = Interop.Sys.MemfdCreate(name, Interop.Sys.MfdCloexec);
+        int fd = Interop.Sys.MemfdCreate(name, Interop.Sys.MfdCloexec | (@sealed ? Interop.Sys.MfdAllowSealing : 0));
         if (fd < 0)
             throw new IOException($"memfd_create({name}) failed (errno {Marshal.GetLastPInvokeError()})");
         var stream = new FileStream(new SafeFileHandle(fd, ownsHandle: true), FileAccess.ReadWrite, bufferSize: 0);
@@ -52,6 +56,8 @@ internal sealed unsafe class SharedRegion : IDisposable
         {
             if (Interop.Sys.Ftruncate(fd, length) != 0)
                 throw new IOException($"ftruncate({name}, {length}) failed (errno {Marshal.GetLastPInvokeError()})");
+            if (@sealed && Interop.Sys.Fcntl(fd, Interop.Sys.FAddSeals, Interop.Sys.FSealShrink | Interop.Sys.FSealGrow) != 0)
+                throw new IOException($"sealing {name} failed (errno {Marshal.GetLastPInvokeError()})");
             var file = MemoryMappedFile.CreateFromFile(stream, null, length, MemoryMappedFileAccess.ReadWrite, HandleInheritability.None, leaveOpen: true);
             return new SharedRegion($"memfd:{name}", file, file.CreateViewAccessor(0, length, MemoryMappedFileAccess.ReadWrite), length, writable: true, stream);
         }
@@ -60,6 +66,13 @@ internal sealed unsafe class SharedRegion : IDisposable
             stream.Dispose();
             throw;
         }
+    }
+
+    /// <summary>Whether the region behind <paramref name="fd"/> is sealed against shrinking (F_SEAL_SHRINK).</summary>
+    public static bool IsSealedAgainstShrinking(int fd)
+    {
+        int seals = Interop.Sys.Fcntl(fd, Interop.Sys.FGetSeals, 0);
+        return seals >= 0 && (seals & Interop.Sys.FSealShrink) != 0;
     }
 
     /// <summary>Maps a descriptor received from another process (this region takes ownership of it).</summary>

@@ -29,17 +29,51 @@ public sealed unsafe class VersionTable : IDisposable
         return (VersionEntry*)(_region.Pointer + sizeof(VersionTableHeader)) + row;
     }
 
-    /// <summary>The agent's side: a new, empty table of <paramref name="capacity"/> rows.</summary>
+    /// <summary>
+    /// The agent's side: a new, empty table of <paramref name="capacity"/> rows. It is made beside
+    /// <paramref name="path"/> and renamed over it, so clients that still map an older table there keep seeing
+    /// its last contents, never a file being truncated under them.
+    /// </summary>
     public static VersionTable Create(string path, int capacity)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(capacity);
-        var region = SharedRegion.Create(path, sizeof(VersionTableHeader) + (long)capacity * sizeof(VersionEntry));
+        string partial = path + ".partial";
+        var made = SharedRegion.Create(partial, sizeof(VersionTableHeader) + (long)capacity * sizeof(VersionEntry));
+        made.Dispose();
+        File.Move(partial, path, overwrite: true);
+        var region = SharedRegion.Open(path);
         var header = (VersionTableHeader*)region.Pointer;
         header->AbiVersion = AbiConstants.AbiVersion;
         header->Capacity = (uint)capacity;
         header->AgentPid = (ulong)Environment.ProcessId;
         Volatile.Write(ref header->Magic, AbiConstants.TableMagic); // last: a reader that sees the magic sees the rest
         return new VersionTable(region);
+    }
+
+    /// <summary>
+    /// The agent's side at start: the table a previous life of the agent left at <paramref name="path"/>, kept as
+    /// it is (so consumers that still map it see the new agent's activations), or a new one where there is none
+    /// or it does not fit (another ABI, another capacity, damaged).
+    /// </summary>
+    public static VersionTable OpenOrCreate(string path, int capacity)
+    {
+        if (File.Exists(path))
+        {
+            try
+            {
+                VersionTable kept = Open(path);
+                if (kept.Capacity == capacity)
+                {
+                    kept.Header->AgentPid = (ulong)Environment.ProcessId;
+                    return kept;
+                }
+                kept.Dispose();
+            }
+            catch (InvalidDataException)
+            {
+            }
+        }
+        return Create(path, capacity);
     }
 
     /// <summary>Maps an existing table, checking that it is one, of this ABI version and complete.</summary>
@@ -111,13 +145,18 @@ public sealed unsafe class VersionTable : IDisposable
     /// </summary>
     public void Activate(int row, ulong version, int slot, ulong manifestDigest)
     {
+        ulong previous = Volatile.Read(ref Entry(row)->State);
+        Activate(row, version, slot, manifestDigest, previous != 0 ? VersionEntry.UnpackState(previous).Version : Entry(row)->LastGood);
+    }
+
+    /// <summary>As <see cref="Activate(int, ulong, int, ulong)"/>, with the last good version given (0 after a rollback: there is none left).</summary>
+    public void Activate(int row, ulong version, int slot, ulong manifestDigest, ulong lastGood)
+    {
         RequireWritable();
         ArgumentOutOfRangeException.ThrowIfZero(version);
         ulong state = VersionEntry.PackState(version, slot);
         VersionEntry* entry = Entry(row);
-        ulong previous = Volatile.Read(ref entry->State);
-        if (previous != 0)
-            entry->LastGood = VersionEntry.UnpackState(previous).Version;
+        entry->LastGood = lastGood;
         entry->ManifestDigest = manifestDigest;
         entry->ActivatedNs = (ulong)Stopwatch.GetTimestamp();
         Volatile.Write(ref entry->State, state); // the release store consumers synchronise with
@@ -133,6 +172,16 @@ public sealed unsafe class VersionTable : IDisposable
         entry->ManifestDigest = manifestDigest;
         entry->ActivatedNs = (ulong)Stopwatch.GetTimestamp();
         Volatile.Write(ref entry->State, state);
+    }
+
+    /// <summary>The agent's side, at start: a row with no active version (state 0).</summary>
+    public void Reset(int row)
+    {
+        RequireWritable();
+        VersionEntry* entry = Entry(row);
+        Volatile.Write(ref entry->State, 0UL);
+        entry->LastGood = 0;
+        entry->ManifestDigest = 0;
     }
 
     /// <summary>The consumer's per-step check: one atomic load of the packed (version, slot) word.</summary>

@@ -46,13 +46,13 @@ public sealed class CudaStream : GpuOwner
         Interop.Cuda.MemcpyDtoHAsync((byte*)destination.Pointer + destinationOffset, from, (nuint)length, Handle).ThrowIfFailed();
     }
 
-    /// <summary>Device to device.</summary>
+    /// <summary>Device to device; either buffer may also be mapped host memory (<see cref="MappedHostMemory"/>).</summary>
     public void CopyAsync(DeviceBuffer destination, long destinationOffset, DeviceBuffer source, long sourceOffset, long length)
     {
         ulong to = destination.At(destinationOffset, length);
         ulong from = source.At(sourceOffset, length);
         Bind();
-        Interop.Cuda.MemcpyDtoDAsync(to, from, (nuint)length, Handle).ThrowIfFailed();
+        Interop.Cuda.MemcpyAsync(to, from, (nuint)length, Handle).ThrowIfFailed();
     }
 
     public void FillAsync(DeviceBuffer destination, long offset, long length, byte value)

@@ -49,7 +49,13 @@ public class AbiLayoutTests
         Assert.Contains($"#define NCCL_SWAP_NAME_BYTES {AbiConstants.NameBytes}", header);
         Assert.Contains($"#define NCCL_SWAP_PAYLOAD_BYTES {AbiConstants.PayloadBytes}", header);
         foreach (RequestKind kind in Enum.GetValues<RequestKind>())
-            Assert.Contains($"NCCL_SWAP_REQ_{kind.ToString().ToUpperInvariant()} = {(int)kind},", header);
+            Assert.Contains($"NCCL_SWAP_REQ_{SnakeCase(kind.ToString()).ToUpperInvariant()} = {(int)kind},", header);
+        Assert.Contains($"#define NCCL_SWAP_PUBLISH_WAIT 0x{AbiConstants.PublishWait:x}u", header);
+        foreach (FieldInfo status in typeof(Status).GetFields(BindingFlags.Public | BindingFlags.Static))
+        {
+            string name = status.Name == "Ok" ? "NCCL_SWAP_OK" : "NCCL_SWAP_E_" + SnakeCase(status.Name).ToUpperInvariant();
+            Assert.Contains($"{name} = {status.GetValue(null)},", header);
+        }
         Assert.Equal("NSRQ", Encoding.ASCII.GetString(BitConverter.GetBytes(AbiConstants.RequestMagic)));
     }
 

@@ -163,7 +163,7 @@ public sealed class FrontDoorTests : IAsyncDisposable
         (Socket socket, JsonDocument reply) = Hello(door, new string('x', FrontDoor.MaxHelloBytes + 10));
         using (socket)
         using (reply)
-            Assert.Contains("longer than 4096 bytes", reply.RootElement.GetProperty("error").GetString());
+            Assert.Contains($"longer than {FrontDoor.MaxHelloBytes} bytes", reply.RootElement.GetProperty("error").GetString());
         Assert.Empty(SessionDescriptors(door));
     }
 

@@ -6,5 +6,8 @@ public static class Program
     {
         [ChannelPeers.TableReader] = ChannelPeers.ReadTable,
         [ChannelPeers.RingConsumer] = ChannelPeers.ConsumeRing,
+        [LifecyclePeers.Publisher] = LifecyclePeers.Publish,
+        [LifecyclePeers.Consumer] = LifecyclePeers.Consume,
+        [TestAgent.AgentPeer] = TestAgent.RunPeer,
     });
 }

@@ -94,7 +94,7 @@ public sealed class RequestDispatcherTests : IAsyncDisposable
             }
         }
 
-        public Response Handle(SessionInfo session, in Request request)
+        public Response? Handle(SessionInfo session, in Request request, RequestDispatcher dispatcher)
         {
             lock (_calls)
                 _calls.Add(((RequestKind)request.Kind, request.Version, session.Role));

@@ -9,7 +9,8 @@ public sealed class StateStoreTests : IDisposable
 
     private static AgentState Sample(ulong version) => new(
     [
-        new WeightSetState("llama", new ActiveVersion(version, (int)(version % 2), 0xABCDEF0123456789), version - 1, version + 2),
+        new WeightSetState("llama", new ActiveVersion(version, (int)(version % 2), 0xABCDEF0123456789), version - 1, version + 2,
+            new StagedFile(version, $"000-llama.{version}", 0xABCDEF0123456789), new StagedFile(version - 1, "000-llama.0", 0x42)),
         new WeightSetState("qwen", null, 0, 0),
     ], AuditPosition: 4096);
 

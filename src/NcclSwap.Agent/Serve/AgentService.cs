@@ -3,43 +3,25 @@ using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Hosting.Systemd;
 using Microsoft.Extensions.Logging;
 using NcclSwap.ControlPlane;
-using NcclSwap.ControlPlane.Abi;
-using NcclSwap.ControlPlane.State;
+using NcclSwap.DataPlane;
 
 namespace NcclSwap.Agent.Serve;
 
 /// <summary>
-/// The agent as a hosted service: the version table, the front door and the request dispatcher, with the
-/// systemd watchdog fed only while a real health check passes (the front door answers a connection). At start
-/// it puts every weight set's active and last good version back into the table from the persisted state, so
-/// consumers that reconnect after a crash or restart find the versions they served. Requests of the version
-/// life cycle are answered "not implemented" until it lands; ping and status work.
+/// The agent as a hosted service: an <see cref="AgentCore"/> (version table, version life cycle, front door, request
+/// dispatcher) restored from the persisted state at start, with the systemd watchdog fed only while a real health
+/// check passes (the front door answers a connection). Stopping abandons updates in flight without activating
+/// anything; the state file and the active versions' staging stay for the next start.
 /// </summary>
-public sealed class AgentService(AgentSettings settings, ISystemdNotifier notifier, ILogger<AgentService> log) : BackgroundService, IRequestHandler
+public sealed class AgentService(AgentSettings settings, ISystemdNotifier notifier, ILogger<AgentService> log) : BackgroundService
 {
-    private FrontDoor? _door;
-    private RequestDispatcher? _dispatcher;
-    private VersionTable? _table;
+    private AgentCore? _agent;
+    private IBackend? _backend;
 
     protected override async Task ExecuteAsync(CancellationToken stopping)
     {
-        Directory.CreateDirectory(settings.StateDirectory);
-        Directory.CreateDirectory(Path.GetDirectoryName(settings.SocketPath)!);
-        _table = VersionTable.Create(settings.TablePath, settings.TableCapacity);
-        AgentState state = new StateStore(settings.StatePath).Load();
-        foreach (WeightSetState set in state.WeightSets)
-        {
-            int row = _table.Add(set.Name);
-            if (set.Active is { } active)
-                _table.Restore(row, active.Version, active.Slot, active.ManifestDigest, set.LastGood);
-            log.LogInformation("recovered weight set {Name}: version {Version} active, last good {LastGood}", set.Name, set.Active?.Version ?? 0, set.LastGood);
-        }
-        _door = new FrontDoor(settings.SocketPath, settings.TablePath, settings.Roles);
-        _door.Refused += r => log.LogWarning("refused {Peer}: {Reason}", r.Peer, r.Reason);
-        _door.SessionChanged += (s, started) => log.LogInformation("session {Id} of {Peer} as {Role} {State}", s.Id, s.Peer, s.Role, started ? "started" : "ended");
-        _dispatcher = new RequestDispatcher(_door, this);
-        _dispatcher.RequestRefused += (s, _, reason) => log.LogWarning("session {Id} of {Peer}: request refused: {Reason}", s.Id, s.Peer, reason);
-        log.LogInformation("nccl-swap agent listening on {Socket}, version table {Table} ({Capacity} rows)", settings.SocketPath, settings.TablePath, settings.TableCapacity);
+        _backend = Backend.Create(settings.Backend);
+        _agent = AgentCore.Start(settings.Options, _backend, log);
         notifier.Notify(ServiceState.Ready);
 
         TimeSpan? watchdog = WatchdogInterval();
@@ -62,13 +44,6 @@ public sealed class AgentService(AgentSettings settings, ISystemdNotifier notifi
             }
         }
     }
-
-    public Response Handle(SessionInfo session, in Request request) => (RequestKind)request.Kind switch
-    {
-        RequestKind.Ping => Messages.NewResponse(request, Status.Ok),
-        RequestKind.Status => Messages.NewResponse(request, Status.Ok, $"sessions {_door?.Sessions.Count ?? 0}"),
-        _ => Messages.NewResponse(request, Status.NotImplemented, $"{((RequestKind)request.Kind).ToString().ToLowerInvariant()} is not implemented by this agent yet"),
-    };
 
     private bool Healthy(out string why)
     {
@@ -93,10 +68,8 @@ public sealed class AgentService(AgentSettings settings, ISystemdNotifier notifi
     {
         notifier.Notify(ServiceState.Stopping);
         await base.StopAsync(cancellationToken);
-        _dispatcher?.Dispose();
-        if (_door is not null)
-            await _door.DisposeAsync();
-        _table?.Dispose();
-        log.LogInformation("nccl-swap agent stopped");
+        if (_agent is not null)
+            await _agent.DisposeAsync();
+        _backend?.Dispose();
     }
 }

@@ -1,5 +1,6 @@
 using Microsoft.Extensions.Configuration;
 using NcclSwap.ControlPlane;
+using NcclSwap.ControlPlane.Versions;
 
 namespace NcclSwap.Agent.Serve;
 
@@ -14,13 +15,16 @@ public sealed class AgentSettingsException(IReadOnlyList<string> problems)
 /// The agent's settings, from the <c>Agent</c> section of the JSON configuration file and from environment
 /// variables (<c>NCCL_SWAP_Agent__SocketPath</c>, …), checked as a whole at start.
 /// </summary>
-public sealed record AgentSettings(string SocketPath, string StateDirectory, int TableCapacity, RolePolicy Roles)
+public sealed record AgentSettings(string SocketPath, string StateDirectory, int TableCapacity, RolePolicy Roles,
+    string StagingDirectory = "/run/nccl-swap/staging", UpdatePolicy Policy = UpdatePolicy.Supersede, double AckTimeoutSeconds = 30, string Backend = "auto")
 {
     public const string Section = "Agent";
 
-    public string TablePath => Path.Combine(StateDirectory, "versions.table");
+    public string TablePath => Options.TablePath;
 
-    public string StatePath => Path.Combine(StateDirectory, "state.json");
+    public string StatePath => Options.StatePath;
+
+    public AgentOptions Options => new(SocketPath, StateDirectory, StagingDirectory, TableCapacity, Roles, Policy, TimeSpan.FromSeconds(AckTimeoutSeconds));
 
     public static AgentSettings Load(IConfiguration configuration)
     {
@@ -41,6 +45,23 @@ public sealed record AgentSettings(string SocketPath, string StateDirectory, int
         if (agent["TableCapacity"] is { } text && (!int.TryParse(text, out capacity) || capacity is < 1 or > 65536))
             problems.Add($"{Section}:TableCapacity: '{text}' must be a whole number from 1 to 65536");
 
+        string staging = agent["StagingDirectory"] ?? "/run/nccl-swap/staging";
+        if (!Path.IsPathFullyQualified(staging))
+            problems.Add($"{Section}:StagingDirectory: '{staging}' must be an absolute path (a tmpfs such as /run or /dev/shm)");
+
+        UpdatePolicy policy = UpdatePolicy.Supersede;
+        if (agent["UpdatePolicy"] is { } policyText && !TryPolicy(policyText, out policy))
+            problems.Add($"{Section}:UpdatePolicy: '{policyText}' must be supersede or queue");
+
+        double ackTimeout = 30;
+        if (agent["AckTimeoutSeconds"] is { } ackText
+            && (!double.TryParse(ackText, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out ackTimeout) || ackTimeout is <= 0 or > 3600))
+            problems.Add($"{Section}:AckTimeoutSeconds: '{ackText}' must be a number of seconds above 0 and at most 3600");
+
+        string backend = agent["Backend"] ?? "auto";
+        if (backend is not ("auto" or "cuda" or "host"))
+            problems.Add($"{Section}:Backend: '{backend}' must be auto, cuda or host");
+
         var roles = new RolePolicy();
         ReadRoles(agent.GetSection("Roles:Users"), roles.Users, "Roles:Users", problems);
         ReadRoles(agent.GetSection("Roles:Groups"), roles.Groups, "Roles:Groups", problems);
@@ -49,7 +70,13 @@ public sealed record AgentSettings(string SocketPath, string StateDirectory, int
 
         if (problems.Count > 0)
             throw new AgentSettingsException(problems);
-        return new AgentSettings(socket, state, capacity, roles);
+        return new AgentSettings(socket, state, capacity, roles, staging, policy, ackTimeout, backend);
+    }
+
+    private static bool TryPolicy(string text, out UpdatePolicy policy)
+    {
+        policy = text switch { "supersede" => UpdatePolicy.Supersede, "queue" => UpdatePolicy.Queue, _ => (UpdatePolicy)(-1) };
+        return policy >= 0;
     }
 
     private static void ReadRoles(IConfigurationSection section, Dictionary<uint, Role> into, string name, List<string> problems)

@@ -19,6 +19,9 @@ public static class AbiConstants
     public const int PayloadBytes = 96;
     public const uint EntryInUse = 0x1;
     public const uint EntryPaused = 0x2;
+
+    /// <summary>In a publish request's flags: answer once the version's outcome is known, not at the snapshot.</summary>
+    public const ushort PublishWait = 0x1;
 }
 
 [InlineArray(AbiConstants.NameBytes)]
@@ -88,6 +91,38 @@ public enum RequestKind : ushort
     Ack = 3,
     Rollback = 4,
     Status = 5,
+    CopyIn = 6,
+}
+
+/// <summary><c>nccl_swap_status</c>: 0 or a negative errno.</summary>
+public static class Status
+{
+    public const int Ok = 0;
+    public const int NotPermitted = -1;    // EPERM: the session's role may not make this request
+    public const int NotFound = -2;        // ENOENT: no such version, or no last good version
+    public const int Busy = -16;           // EBUSY
+    public const int Invalid = -22;        // EINVAL: malformed, or does not fit the session
+    public const int NotImplemented = -38; // ENOSYS
+    public const int Corrupt = -74;        // EBADMSG: bytes did not match their digest
+    public const int TimedOut = -110;      // ETIMEDOUT
+    public const int Stale = -116;         // ESTALE: not newer than a version already published
+    public const int Canceled = -125;      // ECANCELED: superseded, or abandoned at shutdown
+
+    /// <summary>The constant's name for a status, for messages.</summary>
+    public static string Name(int status) => status switch
+    {
+        Ok => "ok",
+        NotPermitted => "not permitted",
+        NotFound => "not found",
+        Busy => "busy",
+        Invalid => "invalid",
+        NotImplemented => "not implemented",
+        Corrupt => "corrupt",
+        TimedOut => "timed out",
+        Stale => "stale",
+        Canceled => "canceled",
+        _ => $"status {status}",
+    };
 }
 
 /// <summary><c>nccl_swap_request</c>.</summary>

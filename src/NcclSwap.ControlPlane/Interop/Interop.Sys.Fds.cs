@@ -7,6 +7,11 @@ internal static partial class Interop
     internal static partial class Sys
     {
         internal const uint MfdCloexec = 0x1;
+        internal const uint MfdAllowSealing = 0x2;
+        internal const int FAddSeals = 1033;
+        internal const int FGetSeals = 1034;
+        internal const int FSealShrink = 0x2;
+        internal const int FSealGrow = 0x4;
         internal const int SolSocket = 1;
         internal const int ScmRights = 1;
 
@@ -16,6 +21,12 @@ internal static partial class Interop
 
         [LibraryImport(Libc, EntryPoint = "ftruncate", SetLastError = true)]
         internal static partial int Ftruncate(int fd, long length);
+
+        // fcntl is variadic; on x86-64 and arm64 an int third argument travels as a fixed one would. Used here
+        // for memfd seals: a region sealed against shrinking cannot be cut short under the agent's mapping
+        // (which would kill the agent with SIGBUS on its next access).
+        [LibraryImport(Libc, EntryPoint = "fcntl", SetLastError = true)]
+        internal static partial int Fcntl(int fd, int command, int argument);
 
         [StructLayout(LayoutKind.Sequential)]
         internal struct IoVec

@@ -6,8 +6,15 @@ namespace NcclSwap.ControlPlane.State;
 /// <summary>The active version of a weight set: which version, in which slot, with which manifest digest.</summary>
 public sealed record ActiveVersion(ulong Version, int Slot, ulong ManifestDigest);
 
-/// <summary>What the agent must know about one weight set after a restart.</summary>
-public sealed record WeightSetState(string Name, ActiveVersion? Active, ulong LastGood, ulong HighestPublished);
+/// <summary>A version's bytes kept in a staging file (in the staging directory), with its manifest beside it.</summary>
+public sealed record StagedFile(ulong Version, string File, ulong ManifestDigest);
+
+/// <summary>
+/// What the agent must know about one weight set after a restart: its active and last good versions, where
+/// their bytes were staged (so they can be checked and used again), and the highest version published.
+/// </summary>
+public sealed record WeightSetState(string Name, ActiveVersion? Active, ulong LastGood, ulong HighestPublished,
+    StagedFile? ActiveStaging = null, StagedFile? LastGoodStaging = null);
 
 /// <summary>Everything the agent persists: its weight sets and how far the audit log has been written.</summary>
 public sealed record AgentState(IReadOnlyList<WeightSetState> WeightSets, long AuditPosition)
@@ -39,6 +46,8 @@ public sealed record AgentState(IReadOnlyList<WeightSetState> WeightSets, long A
                 }
                 writer.WriteNumber("last_good", set.LastGood);
                 writer.WriteNumber("highest_published", set.HighestPublished);
+                WriteStaged(writer, "active_staging", set.ActiveStaging);
+                WriteStaged(writer, "last_good_staging", set.LastGoodStaging);
                 writer.WriteEndObject();
             }
             writer.WriteEndArray();
@@ -46,6 +55,24 @@ public sealed record AgentState(IReadOnlyList<WeightSetState> WeightSets, long A
         }
         return stream.ToArray();
     }
+
+    private static void WriteStaged(Utf8JsonWriter writer, string name, StagedFile? staged)
+    {
+        if (staged is null)
+            return;
+        writer.WriteStartObject(name);
+        writer.WriteNumber("version", staged.Version);
+        writer.WriteString("file", staged.File);
+        writer.WriteString("manifest_digest", staged.ManifestDigest.ToString("x16"));
+        writer.WriteEndObject();
+    }
+
+    private static StagedFile? ReadStaged(JsonElement set, string name) =>
+        set.TryGetProperty(name, out JsonElement s)
+            ? new StagedFile(s.GetProperty("version").GetUInt64(), s.GetProperty("file").GetString()!, Hex(s.GetProperty("manifest_digest")))
+            : null;
+
+    private static ulong Hex(JsonElement text) => ulong.Parse(text.GetString()!, System.Globalization.NumberStyles.AllowHexSpecifier);
 
     public static AgentState Parse(ReadOnlySpan<byte> json, string source)
     {
@@ -59,10 +86,10 @@ public sealed record AgentState(IReadOnlyList<WeightSetState> WeightSets, long A
             foreach (JsonElement set in root.GetProperty("weight_sets").EnumerateArray())
             {
                 ActiveVersion? active = set.TryGetProperty("active", out JsonElement a)
-                    ? new ActiveVersion(a.GetProperty("version").GetUInt64(), a.GetProperty("slot").GetInt32(),
-                        ulong.Parse(a.GetProperty("manifest_digest").GetString()!, System.Globalization.NumberStyles.AllowHexSpecifier))
+                    ? new ActiveVersion(a.GetProperty("version").GetUInt64(), a.GetProperty("slot").GetInt32(), Hex(a.GetProperty("manifest_digest")))
                     : null;
-                sets.Add(new WeightSetState(set.GetProperty("name").GetString()!, active, set.GetProperty("last_good").GetUInt64(), set.GetProperty("highest_published").GetUInt64()));
+                sets.Add(new WeightSetState(set.GetProperty("name").GetString()!, active, set.GetProperty("last_good").GetUInt64(), set.GetProperty("highest_published").GetUInt64(),
+                    ReadStaged(set, "active_staging"), ReadStaged(set, "last_good_staging")));
             }
             if (sets.GroupBy(s => s.Name).FirstOrDefault(g => g.Count() > 1) is { } twice)
                 throw new InvalidDataException($"{source}: weight set '{twice.Key}' appears twice");

@@ -24,6 +24,17 @@ public interface IBackend : IDisposable
 
     IDeviceEvent CreateEvent();
 
+    /// <summary>
+    /// Host memory owned elsewhere (a client's shared memory, a staging file) as a buffer that this backend's
+    /// streams copy to and from and <see cref="Digests"/> reads: on CUDA it is page-locked and mapped into the
+    /// device's address space. <paramref name="readOnly"/> for memory mapped without write access;
+    /// <paramref name="name"/> shows in messages. The memory must stay mapped until the buffer is disposed.
+    /// </summary>
+    IDeviceBuffer MapHost(nint pointer, long length, bool readOnly, string name);
+
+    /// <summary>The <see cref="BlockDigest"/> of each range of <paramref name="buffer"/>, in order, computed where the backend computes (the GPU for CUDA); waits for them.</summary>
+    Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges);
+
     /// <summary>Copies host bytes into a device buffer and waits for the copy.</summary>
     void Upload(ReadOnlySpan<byte> source, IDeviceBuffer destination, long offset = 0);
 

@@ -11,6 +11,10 @@ public sealed class CudaBackend : IBackend
         PinnedPool = new PinnedBufferPool(length => PinnedBuffer.Allocate(Context, length), maxRetainedPinnedBytes);
     }
 
+    private readonly Lock _digestLock = new();
+    private GpuDigest? _digest;
+    private CudaStream? _digestStream;
+
     public CudaContext Context { get; }
 
     public string Kind => "cuda";
@@ -25,6 +29,26 @@ public sealed class CudaBackend : IBackend
 
     public IDeviceEvent CreateEvent() => new CudaDeviceEvent(CudaEvent.Create(Context));
 
+    public IDeviceBuffer MapHost(nint pointer, long length, bool readOnly, string name)
+    {
+        MappedHostMemory mapped = MappedHostMemory.Register(Context, pointer, length, readOnly);
+        return new CudaDeviceBuffer(mapped.Buffer, mapped, name);
+    }
+
+    public Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges)
+    {
+        DeviceBuffer device = AsCuda(buffer);
+        var digests = new Digest[ranges.Count];
+        lock (_digestLock) // one GpuDigest, whose scratch memory serves one digest at a time
+        {
+            _digest ??= new GpuDigest(Context);
+            _digestStream ??= CudaStream.Create(Context);
+            for (int i = 0; i < ranges.Count; i++)
+                digests[i] = _digest.Compute(device, ranges[i].Offset, ranges[i].Length, _digestStream);
+        }
+        return digests;
+    }
+
     public void Upload(ReadOnlySpan<byte> source, IDeviceBuffer destination, long offset = 0) =>
         AsCuda(destination).CopyFrom(source, offset);
 
@@ -38,6 +62,8 @@ public sealed class CudaBackend : IBackend
 
     public void Dispose()
     {
+        _digest?.Dispose();
+        _digestStream?.Dispose();
         PinnedPool.Dispose();
         Context.Dispose();
     }
@@ -47,16 +73,20 @@ public sealed class CudaBackend : IBackend
     internal static CudaStream AsCuda(ICopyStream stream) => Backend.As<CudaCopyStream>(stream, "cuda").Stream;
 }
 
-/// <summary>A <see cref="DeviceBuffer"/> seen through the backend seam.</summary>
-public sealed class CudaDeviceBuffer(DeviceBuffer buffer) : IDeviceBuffer
+/// <summary>A <see cref="DeviceBuffer"/> seen through the backend seam; <c>owner</c>, if any, is what Dispose releases along with it.</summary>
+public sealed class CudaDeviceBuffer(DeviceBuffer buffer, IDisposable? owner = null, string? name = null) : IDeviceBuffer
 {
     public DeviceBuffer Buffer { get; } = buffer;
 
     public long Length => Buffer.Length;
 
-    public void Dispose() => Buffer.Dispose();
+    public void Dispose()
+    {
+        Buffer.Dispose();
+        owner?.Dispose();
+    }
 
-    public override string ToString() => Buffer.ToString();
+    public override string ToString() => name is null ? Buffer.ToString() : $"{name} ({Buffer})";
 }
 
 internal sealed class CudaCopyStream(CudaStream stream) : ICopyStream

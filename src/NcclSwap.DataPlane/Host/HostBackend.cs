@@ -24,6 +24,27 @@ public sealed class HostBackend : IBackend
 
     public IDeviceEvent CreateEvent() => new HostEvent();
 
+    public IDeviceBuffer MapHost(nint pointer, long length, bool readOnly, string name) => new HostDeviceBuffer(pointer, length, name);
+
+    public Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges)
+    {
+        HostDeviceBuffer host = AsHost(buffer);
+        foreach (var (offset, length) in ranges)
+            host.CheckRange(offset, length);
+        var digests = new Digest[ranges.Count];
+        // Large ranges one at a time, each spread over every core; small ones side by side, one core each.
+        const long large = 8L << 20;
+        for (int i = 0; i < ranges.Count; i++)
+            if (ranges[i].Length >= large)
+                digests[i] = BlockDigest.Compute(host.Pointer + (nint)ranges[i].Offset, ranges[i].Length);
+        Parallel.For(0, ranges.Count, i =>
+        {
+            if (ranges[i].Length < large)
+                digests[i] = BlockDigest.Compute(host.Pointer + (nint)ranges[i].Offset, ranges[i].Length, parallelism: 1);
+        });
+        return digests;
+    }
+
     public void Upload(ReadOnlySpan<byte> source, IDeviceBuffer destination, long offset = 0) =>
         source.CopyTo(AsHost(destination).GetSpan(offset, source.Length));
 
@@ -40,9 +61,11 @@ public sealed class HostBackend : IBackend
     internal static HostDeviceBuffer AsHost(IDeviceBuffer buffer) => Backend.As<HostDeviceBuffer>(buffer, "host");
 }
 
-/// <summary>Page-aligned host memory standing in for device memory.</summary>
+/// <summary>Page-aligned host memory standing in for device memory, or a view of host memory owned elsewhere.</summary>
 public sealed unsafe class HostDeviceBuffer : IDeviceBuffer
 {
+    private readonly bool _owns;
+    private readonly string? _name;
     private int _disposed;
 
     public HostDeviceBuffer(long length)
@@ -50,6 +73,16 @@ public sealed unsafe class HostDeviceBuffer : IDeviceBuffer
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(length);
         Length = length;
         Pointer = (nint)NativeMemory.AlignedAlloc(checked((nuint)length), 4096);
+        _owns = true;
+    }
+
+    /// <summary>A view of <paramref name="length"/> bytes at <paramref name="pointer"/>; Dispose frees nothing.</summary>
+    internal HostDeviceBuffer(nint pointer, long length, string name)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        Pointer = pointer;
+        Length = length;
+        _name = name;
     }
 
     public long Length { get; }
@@ -58,19 +91,26 @@ public sealed unsafe class HostDeviceBuffer : IDeviceBuffer
 
     public Span<byte> GetSpan(long offset, long length)
     {
-        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
-        if (offset < 0 || length < 0 || offset > Length || length > Length - offset || length > int.MaxValue)
-            throw new ArgumentOutOfRangeException(nameof(offset), $"range [{offset}, {offset}+{length}) does not fit in {this}.");
+        CheckRange(offset, length);
+        if (length > int.MaxValue)
+            throw new ArgumentOutOfRangeException(nameof(length), $"range [{offset}, {offset}+{length}) of {this} is too long for one span.");
         return new Span<byte>((byte*)Pointer + offset, (int)length);
+    }
+
+    internal void CheckRange(long offset, long length)
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        if (offset < 0 || length < 0 || offset > Length || length > Length - offset)
+            throw new ArgumentOutOfRangeException(nameof(offset), $"range [{offset}, {offset}+{length}) does not fit in {this}.");
     }
 
     public void Dispose()
     {
-        if (Interlocked.Exchange(ref _disposed, 1) == 0)
+        if (Interlocked.Exchange(ref _disposed, 1) == 0 && _owns)
             NativeMemory.AlignedFree((void*)Pointer);
     }
 
-    public override string ToString() => $"host buffer of {Length} bytes";
+    public override string ToString() => _name is null ? $"host buffer of {Length} bytes" : $"{_name} ({Length} bytes)";
 }
 
 /// <summary>Runs every operation when it is issued, which keeps the stream's order trivially.</summary>

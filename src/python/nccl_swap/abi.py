@@ -15,6 +15,7 @@ NAME_BYTES = 64
 PAYLOAD_BYTES = 96
 ENTRY_IN_USE = 0x1
 ENTRY_PAUSED = 0x2
+PUBLISH_WAIT = 0x1
 
 
 class RequestKind(enum.IntEnum):
@@ -23,6 +24,22 @@ class RequestKind(enum.IntEnum):
     ACK = 3
     ROLLBACK = 4
     STATUS = 5
+    COPY_IN = 6
+
+
+class Status(enum.IntEnum):
+    """nccl_swap_status: 0 or a negative errno."""
+
+    OK = 0
+    E_NOT_PERMITTED = -1
+    E_NOT_FOUND = -2
+    E_BUSY = -16
+    E_INVALID = -22
+    E_NOT_IMPLEMENTED = -38
+    E_CORRUPT = -74
+    E_TIMED_OUT = -110
+    E_STALE = -116
+    E_CANCELED = -125
 
 
 class VersionEntry(ctypes.LittleEndianStructure):

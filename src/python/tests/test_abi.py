@@ -61,6 +61,9 @@ class AbiLayoutTest(unittest.TestCase):
         self.assertIn(f"#define NCCL_SWAP_REQUEST_MAGIC 0x{abi.REQUEST_MAGIC:08X}u", text)
         for kind in abi.RequestKind:
             self.assertIn(f"NCCL_SWAP_REQ_{kind.name} = {kind.value},", text)
+        for status in abi.Status:
+            self.assertIn(f"NCCL_SWAP_{status.name} = {status.value},", text)
+        self.assertIn(f"#define NCCL_SWAP_PUBLISH_WAIT 0x{abi.PUBLISH_WAIT:x}u", text)
 
 
 if __name__ == "__main__":

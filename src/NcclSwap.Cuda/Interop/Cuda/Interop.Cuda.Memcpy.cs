@@ -25,5 +25,10 @@ internal static partial class Interop
 
         [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemcpyDtoDAsync_v2")]
         internal static partial CuResult MemcpyDtoDAsync(ulong destination, ulong source, nuint bytes, nint stream);
+
+        // Unified addressing: the driver infers the direction from the two addresses, so either may be
+        // device memory or registered (mapped) host memory. No _v2: it was introduced with 64-bit sizes.
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemcpyAsync")]
+        internal static partial CuResult MemcpyAsync(ulong destination, ulong source, nuint bytes, nint stream);
     }
 }

@@ -28,6 +28,11 @@ internal static partial class Interop
         [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemHostRegister_v2")]
         internal static unsafe partial CuResult MemHostRegister(void* pointer, nuint bytes, uint flags);
 
+        // The device-side address of registered (DEVICEMAP) host memory; flags must be 0. Equal to the host
+        // pointer where every device can use host pointers for registered memory.
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemHostGetDevicePointer_v2")]
+        internal static unsafe partial CuResult MemHostGetDevicePointer(ulong* devicePointer, void* pointer, uint flags);
+
         [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemHostUnregister")]
         internal static unsafe partial CuResult MemHostUnregister(void* pointer);
 

@@ -129,6 +129,7 @@ internal static partial class Interop
         internal const uint MemHostAllocDeviceMap = 0x02;
         internal const uint MemHostRegisterPortable = 0x01;
         internal const uint MemHostRegisterDeviceMap = 0x02;
+        internal const uint MemHostRegisterReadOnly = 0x08;
         internal const uint StreamNonBlocking = 0x1;
         internal const uint EventDisableTiming = 0x2;
         internal const uint EventInterprocess = 0x4;

@@ -1,0 +1,217 @@
+using System.Text;
+using NcclSwap.DataPlane;
+using NcclSwap.WeightSets;
+
+namespace NcclSwap.ControlPlane.Versions;
+
+/// <summary>
+/// One staging buffer: a file in the staging directory (a tmpfs such as /run or /dev/shm), mapped into the agent
+/// and into the backend's address space. Files outlive the agent's process, so after a crash or restart the
+/// versions they hold can be checked against their manifests and used again (rollback, new consumers, copy-in).
+/// </summary>
+internal sealed class StagingBuffer : IDisposable
+{
+    private readonly SharedRegion _region;
+
+    private StagingBuffer(string path, SharedRegion region, IDeviceBuffer buffer)
+    {
+        Path = path;
+        _region = region;
+        Buffer = buffer;
+    }
+
+    public string Path { get; }
+
+    public string FileName => System.IO.Path.GetFileName(Path);
+
+    public long Length => _region.Length;
+
+    public IDeviceBuffer Buffer { get; }
+
+    public string ManifestPath => Path + ".manifest";
+
+    /// <summary>A new file of <paramref name="length"/> bytes (at least one page, so that empty weight sets map too).</summary>
+    public static StagingBuffer Create(string path, long length, IBackend backend)
+    {
+        var region = SharedRegion.Create(path, Math.Max(length, 4096));
+        return Wrap(path, region, backend);
+    }
+
+    /// <summary>An existing file, as a previous life of the agent left it.</summary>
+    public static StagingBuffer Open(string path, IBackend backend) => Wrap(path, SharedRegion.Open(path), backend);
+
+    private static unsafe StagingBuffer Wrap(string path, SharedRegion region, IBackend backend)
+    {
+        try
+        {
+            return new StagingBuffer(path, region, backend.MapHost((nint)region.Pointer, region.Length, readOnly: false, $"staging {System.IO.Path.GetFileName(path)}"));
+        }
+        catch
+        {
+            region.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Records which version the file holds (its canonical manifest), replacing the file atomically.</summary>
+    public void WriteManifest(Manifest manifest)
+    {
+        string partial = ManifestPath + ".partial";
+        File.WriteAllBytes(partial, manifest.CanonicalBytes.ToArray());
+        File.Move(partial, ManifestPath, overwrite: true);
+    }
+
+    public Manifest ReadManifest() => Manifest.Parse(File.ReadAllBytes(ManifestPath));
+
+    public void Dispose()
+    {
+        Buffer.Dispose();
+        _region.Dispose();
+    }
+
+    /// <summary>Disposes the buffer and removes its files.</summary>
+    public void Delete()
+    {
+        Dispose();
+        File.Delete(Path);
+        File.Delete(ManifestPath);
+    }
+}
+
+/// <summary>
+/// One version's bytes in a staging buffer, packed in manifest order (<see cref="RegionLayout.Packed(Manifest)"/>),
+/// with the manifest taken from the publisher's bytes. Reference-counted: whoever may still read it (the active and
+/// last good slots, an update in flight, a consumer's copy-in) holds a reference, and the buffer is reused only
+/// when the last one is released.
+/// </summary>
+internal sealed class StagedVersion
+{
+    private readonly StagingPool _pool;
+    private int _references = 1;
+
+    public StagedVersion(ulong version, Manifest manifest, StagingBuffer buffer, StagingPool pool)
+    {
+        Version = version;
+        Manifest = manifest;
+        Layout = RegionLayout.Packed(manifest);
+        Buffer = buffer;
+        _pool = pool;
+    }
+
+    public ulong Version { get; }
+
+    public Manifest Manifest { get; }
+
+    public RegionLayout Layout { get; }
+
+    public StagingBuffer Buffer { get; }
+
+    public StagedVersion AddReference()
+    {
+        if (Interlocked.Increment(ref _references) <= 1)
+            throw new InvalidOperationException($"version {Version}'s staging was already released");
+        return this;
+    }
+
+    public void Release()
+    {
+        int left = Interlocked.Decrement(ref _references);
+        if (left == 0)
+            _pool.Return(Buffer);
+        else if (left < 0)
+            throw new InvalidOperationException($"version {Version}'s staging was released once too often");
+    }
+
+    public override string ToString() => $"version {Version} in {Buffer.FileName}";
+}
+
+/// <summary>
+/// The staging buffers of one weight set: files named <c>PREFIX.N</c> in the staging directory, reused rather than
+/// made anew (a fresh file costs a page fault per page on first touch), with at most <see cref="MaxIdle"/> kept idle.
+/// </summary>
+internal sealed class StagingPool(string directory, string prefix, IBackend backend) : IDisposable
+{
+    public const int MaxIdle = 2;
+
+    private readonly Lock _lock = new();
+    private readonly List<StagingBuffer> _idle = [];
+    private readonly HashSet<StagingBuffer> _lent = [];
+    private int _next;
+
+    public string Prefix { get; } = prefix;
+
+    /// <summary>How many buffers exist (lent and idle), for reports.</summary>
+    public int Count
+    {
+        get
+        {
+            lock (_lock)
+                return _idle.Count + _lent.Count;
+        }
+    }
+
+    public StagingBuffer Acquire(long length)
+    {
+        lock (_lock)
+        {
+            long size = Math.Max(length, 4096);
+            StagingBuffer? buffer = _idle.FirstOrDefault(b => b.Length == size);
+            if (buffer is not null)
+                _idle.Remove(buffer);
+            else
+            {
+                string path;
+                do
+                    path = Path.Combine(directory, $"{Prefix}.{_next++}");
+                while (File.Exists(path));
+                buffer = StagingBuffer.Create(path, length, backend);
+            }
+            _lent.Add(buffer);
+            return buffer;
+        }
+    }
+
+    /// <summary>Takes over a buffer a previous life of the agent left (see <see cref="StagingBuffer.Open"/>).</summary>
+    public void Adopt(StagingBuffer buffer)
+    {
+        lock (_lock)
+            _lent.Add(buffer);
+    }
+
+    public void Return(StagingBuffer buffer)
+    {
+        lock (_lock)
+        {
+            if (!_lent.Remove(buffer))
+                return;
+            File.Delete(buffer.ManifestPath); // it no longer holds a version that can be trusted
+            if (_idle.Count < MaxIdle)
+                _idle.Add(buffer);
+            else
+                buffer.Delete();
+        }
+    }
+
+    /// <summary>A file name for this weight set that no other set's prefix can produce.</summary>
+    public static string PrefixFor(int row, string weightSet)
+    {
+        var safe = new StringBuilder();
+        foreach (char c in weightSet)
+            safe.Append(char.IsAsciiLetterOrDigit(c) || c is '-' or '_' ? c : '_');
+        return $"{row:D3}-{safe}";
+    }
+
+    /// <summary>Unmaps every buffer; the files stay (the state may name them for the next life).</summary>
+    public void Dispose()
+    {
+        lock (_lock)
+        {
+            foreach (StagingBuffer buffer in _idle)
+                buffer.Delete();
+            foreach (StagingBuffer buffer in _lent)
+                buffer.Dispose();
+            _idle.Clear();
+            _lent.Clear();
+        }
+    }
+}

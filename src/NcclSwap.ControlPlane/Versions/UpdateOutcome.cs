@@ -1,0 +1,88 @@
+using NcclSwap.ControlPlane.Abi;
+
+namespace NcclSwap.ControlPlane.Versions;
+
+/// <summary>Where an update stands, or how it ended.</summary>
+public enum UpdateResult
+{
+    /// <summary>Snapshotted and waiting for the update in flight to end.</summary>
+    Pending,
+
+    /// <summary>Being staged and verified.</summary>
+    Staging,
+
+    Activated,
+
+    /// <summary>A newer version was published before this one's update began; it was never staged to consumers.</summary>
+    Superseded,
+
+    /// <summary>Its bytes could not be verified (or it could not be staged): nothing was activated.</summary>
+    Failed,
+
+    /// <summary>The agent stopped before it was activated.</summary>
+    Abandoned,
+}
+
+/// <summary>
+/// One update of a weight set (a published version, or a rollback), with the figures of each phase. Written by
+/// the update's own thread; read by anyone once <see cref="IsFinal"/>, or as a snapshot (<see cref="ToString"/>).
+/// </summary>
+public sealed class UpdateOutcome(string weightSet, ulong version, bool rollback, long bytes)
+{
+    public string WeightSet { get; } = weightSet;
+
+    public ulong Version { get; } = version;
+
+    /// <summary>A rollback to <see cref="Version"/> rather than a publish of it.</summary>
+    public bool IsRollback { get; } = rollback;
+
+    public long Bytes { get; } = bytes;
+
+    public UpdateResult Result { get; internal set; } = UpdateResult.Pending;
+
+    /// <summary>Why it failed, what superseded it, who was left out.</summary>
+    public string Detail { get; internal set; } = "";
+
+    /// <summary>Status code a waiting publisher or operator is answered with.</summary>
+    public int Status { get; internal set; } = Abi.Status.Ok;
+
+    /// <summary>The copy from the publisher's memory and the digest of its bytes (the manifest), while the publisher waits.</summary>
+    public TimeSpan Snapshot { get; internal set; }
+
+    /// <summary>Waiting for consumers to stop reading the slot the version goes into.</summary>
+    public TimeSpan AckWait { get; internal set; }
+
+    /// <summary>Copying the staged bytes into every flip consumer's free slot.</summary>
+    public TimeSpan Stage { get; internal set; }
+
+    /// <summary>Digests of the staged bytes and of every consumer's copy, compared with the manifest.</summary>
+    public TimeSpan Verify { get; internal set; }
+
+    /// <summary>Saving the state and the one store that switches consumers.</summary>
+    public TimeSpan Activate { get; internal set; }
+
+    /// <summary>Flip consumers that received the version.</summary>
+    public int Consumers { get; internal set; }
+
+    /// <summary>Tensors copied again after their digest did not match.</summary>
+    public int Resent { get; internal set; }
+
+    /// <summary>Consumers ended because they did not stop reading the slot in time.</summary>
+    public List<string> Evicted { get; } = [];
+
+    /// <summary>The state word activated (0 until then).</summary>
+    public ulong State { get; internal set; }
+
+    /// <summary><see cref="System.Diagnostics.Stopwatch"/> timestamp of the activation (0 until then).</summary>
+    public long ActivatedAt { get; internal set; }
+
+    public bool IsFinal => Result is not (UpdateResult.Pending or UpdateResult.Staging);
+
+    public override string ToString()
+    {
+        string what = IsRollback ? $"rollback to version {Version}" : $"version {Version}";
+        string figures = $"{Bytes} bytes; snapshot {Snapshot.TotalMilliseconds:0.0} ms, ack wait {AckWait.TotalMilliseconds:0.0} ms, stage {Stage.TotalMilliseconds:0.0} ms, verify {Verify.TotalMilliseconds:0.0} ms, activate {Activate.TotalMilliseconds:0.0} ms; {Consumers} flip consumer(s)";
+        string extra = (Resent > 0 ? $"; {Resent} tensor(s) re-sent" : "") + (Evicted.Count > 0 ? $"; ended: {string.Join(", ", Evicted)}" : "");
+        return $"{WeightSet} {what}: {Result.ToString().ToLowerInvariant()}{(Detail.Length > 0 ? $" ({Detail})" : "")}; {figures}{extra}";
+    }
+}

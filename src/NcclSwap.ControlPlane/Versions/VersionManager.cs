@@ -1,0 +1,196 @@
+using System.Collections.Concurrent;
+using System.Text.Json;
+using Microsoft.Extensions.Logging;
+using Microsoft.Win32.SafeHandles;
+using NcclSwap.ControlPlane.Abi;
+using NcclSwap.ControlPlane.State;
+using NcclSwap.DataPlane;
+
+namespace NcclSwap.ControlPlane.Versions;
+
+/// <summary>What happens to a version published while another is being staged.</summary>
+public enum UpdatePolicy
+{
+    /// <summary>It waits for its turn; a newer one waiting replaces it (the replaced one ends "superseded").</summary>
+    Supersede,
+
+    /// <summary>Every version is staged and activated in turn; a publish waits while one is already waiting.</summary>
+    Queue,
+}
+
+/// <summary>Settings of the version life cycle.</summary>
+public sealed record LifecycleOptions(string StagingDirectory, UpdatePolicy Policy, TimeSpan AckTimeout)
+{
+    /// <summary>How many times a tensor whose digest does not match is copied again before the update fails.</summary>
+    public int Resends { get; init; } = 2;
+}
+
+/// <summary>
+/// The agent's version life cycle for every weight set: the front door's session host (registrations) and the
+/// dispatcher's request handler (publish, acknowledge, copy-in, rollback, status). It restores each weight set
+/// from the persisted state at start and saves the state, atomically, before every activation.
+/// </summary>
+public sealed class VersionManager : ISessionHost, IRequestHandler, IDisposable
+{
+    private readonly ConcurrentDictionary<string, WeightSetLifecycle> _sets = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<long, (WeightSetLifecycle Set, Registration? Registration)> _sessions = new();
+    private readonly StateStore _store;
+    private readonly Lock _state = new();
+    private readonly Lock _adding = new();
+    private FrontDoor? _door;
+    private long _auditPosition;
+
+    public VersionManager(VersionTable table, StateStore store, IBackend backend, LifecycleOptions options, ILogger log)
+    {
+        Table = table;
+        _store = store;
+        Backend = backend;
+        Options = options;
+        Log = log;
+        Directory.CreateDirectory(options.StagingDirectory);
+        AgentState state = store.Load();
+        _auditPosition = state.AuditPosition;
+        foreach (WeightSetState set in state.WeightSets)
+        {
+            int row = table.Find(set.Name) is int found and >= 0 ? found : table.Add(set.Name);
+            _sets[set.Name] = new WeightSetLifecycle(this, set.Name, row, set);
+            log.LogInformation("recovered weight set {Name}: version {Version} active, last good {LastGood}", set.Name, set.Active?.Version ?? 0, set.LastGood);
+        }
+        RemoveStrayStaging();
+    }
+
+    public VersionTable Table { get; }
+
+    public IBackend Backend { get; }
+
+    public LifecycleOptions Options { get; }
+
+    internal ILogger Log { get; }
+
+    /// <summary>Raised when an update ends (activated, superseded, failed, abandoned), on the thread that ended it.</summary>
+    public event Action<UpdateOutcome>? Updated;
+
+    /// <summary>The front door whose sessions this manager may end (a consumer whose lease expired).</summary>
+    public void Attach(FrontDoor door) => _door = door;
+
+    /// <summary>The updates of <paramref name="weightSet"/> so far (the latest 4096), oldest first.</summary>
+    public IReadOnlyList<UpdateOutcome> History(string weightSet) =>
+        _sets.TryGetValue(weightSet, out WeightSetLifecycle? set) ? set.History : [];
+
+    /// <summary>The consumers of <paramref name="weightSet"/> now: session id, mode, the state each serves, acknowledgements.</summary>
+    public IReadOnlyList<(long Session, ConsumerMode Mode, ulong Serving, long Acknowledgements)> Consumers(string weightSet) =>
+        _sets.TryGetValue(weightSet, out WeightSetLifecycle? set)
+            ? set.Consumers.Select(c => (c.Session.Id, c.Mode, c.Serving, c.Acknowledgements)).ToList()
+            : [];
+
+    public SessionWelcome Open(SessionInfo session, JsonElement hello, IReadOnlyList<SafeFileHandle> descriptors)
+    {
+        WeightSetLifecycle set;
+        Hello parsed;
+        try
+        {
+            parsed = Hello.Parse(hello, session.Role, descriptors.Count);
+            set = SetFor(session.WeightSet);
+        }
+        catch
+        {
+            foreach (SafeFileHandle descriptor in descriptors)
+                descriptor.Dispose();
+            throw;
+        }
+        (SessionWelcome welcome, Registration? registration) = set.Open(session, parsed, descriptors);
+        _sessions[session.Id] = (set, registration);
+        return welcome;
+    }
+
+    public void Close(SessionInfo session)
+    {
+        if (_sessions.TryRemove(session.Id, out var entry))
+            entry.Set.Close(session);
+    }
+
+    public Response? Handle(SessionInfo session, in Request request, RequestDispatcher dispatcher)
+    {
+        if (!_sessions.TryGetValue(session.Id, out var entry))
+            return Messages.NewResponse(request, Status.Invalid, "this session is not registered with the agent");
+        if ((RequestKind)request.Kind == RequestKind.Ping)
+            return Messages.NewResponse(request, Status.Ok);
+        if (request.WeightSet != (uint)entry.Set.Row)
+            return Messages.NewResponse(request, Status.Invalid, $"weight_set {request.WeightSet} is not this session's row {entry.Set.Row} ('{entry.Set.Name}')");
+        return entry.Set.Handle(session, request, entry.Registration, dispatcher);
+    }
+
+    private WeightSetLifecycle SetFor(string name)
+    {
+        if (_sets.TryGetValue(name, out WeightSetLifecycle? set))
+            return set;
+        lock (_adding)
+        {
+            if (_sets.TryGetValue(name, out set))
+                return set;
+            int row;
+            try
+            {
+                row = Table.Find(name) is int found and >= 0 ? found : Table.Add(name);
+            }
+            catch (InvalidOperationException e)
+            {
+                throw new SessionRefusedException($"weight set '{name}' cannot be added: {e.Message}");
+            }
+            set = new WeightSetLifecycle(this, name, row, null);
+            _sets[name] = set;
+            SaveState();
+            Log.LogInformation("weight set {Name} added in row {Row}", name, row);
+            return set;
+        }
+    }
+
+    /// <summary>Saves every weight set's persisted state in one atomic replacement of the state file.</summary>
+    internal void SaveState()
+    {
+        lock (_state)
+            _store.Save(new AgentState(_sets.Values.OrderBy(s => s.Row).Select(s => s.Persisted).ToList(), _auditPosition));
+    }
+
+    internal void EndSession(long session, string reason) => _door?.End(session, reason);
+
+    internal void Report(UpdateOutcome outcome)
+    {
+        try
+        {
+            Updated?.Invoke(outcome);
+        }
+        catch (Exception e)
+        {
+            Log.LogError(e, "a listener of update outcomes failed");
+        }
+    }
+
+    /// <summary>Staging files no weight set's state names: left by a crash in the middle of an update.</summary>
+    private void RemoveStrayStaging()
+    {
+        var kept = _sets.Values.SelectMany(s => s.StagingFiles).ToHashSet(StringComparer.Ordinal);
+        foreach (string path in Directory.EnumerateFiles(Options.StagingDirectory))
+        {
+            string name = Path.GetFileName(path);
+            string owner = name.EndsWith(".manifest", StringComparison.Ordinal) ? name[..^".manifest".Length] : name;
+            if (!kept.Contains(owner))
+                File.Delete(path);
+        }
+    }
+
+    /// <summary>Stops every weight set's updates: the one in flight and those queued are abandoned, nothing more is activated.</summary>
+    public void Stop()
+    {
+        foreach (WeightSetLifecycle set in _sets.Values)
+            set.Stop();
+    }
+
+    /// <summary>Stops (if not done), waits for copies still running, and unmaps everything.</summary>
+    public void Dispose()
+    {
+        Stop();
+        foreach (WeightSetLifecycle set in _sets.Values)
+            set.Dispose();
+    }
+}

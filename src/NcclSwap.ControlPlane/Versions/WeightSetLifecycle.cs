@@ -1,0 +1,897 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Microsoft.Extensions.Logging;
+using Microsoft.Win32.SafeHandles;
+using NcclSwap.ControlPlane.Abi;
+using NcclSwap.ControlPlane.State;
+using NcclSwap.DataPlane;
+using NcclSwap.WeightSets;
+
+namespace NcclSwap.ControlPlane.Versions;
+
+/// <summary>
+/// The life cycle of one weight set's versions: publishers' snapshots, the update queue, staging into every flip
+/// consumer's free slot, verification against the manifest, the activation store, copy-ins, rollback, and the
+/// rule that memory is written only once no live consumer can read it.
+/// </summary>
+/// <remarks>
+/// Locks, always taken in this order: <c>_membership</c> (who is registered; held by a joining consumer while the
+/// agent fills its slot, and by the activation) → <c>_refs</c> (which staged versions are active and last good,
+/// and the table's word). <c>_queue</c> guards the pending publish and rollbacks. One worker thread runs updates one
+/// at a time, so versions never interleave.
+/// </remarks>
+internal sealed class WeightSetLifecycle : IDisposable
+{
+    private const int HistoryLimit = 4096;
+
+    private readonly VersionManager _manager;
+    private readonly StagingPool _pool;
+    private readonly Lock _membership = new();
+    private readonly Lock _refs = new();
+    private readonly Lock _snapshot = new();
+    private readonly object _queue = new();
+    private readonly Lock _history = new();
+    private readonly AutoResetEvent _acknowledged = new(false);
+    private readonly List<UpdateOutcome> _outcomes = [];
+    private readonly Queue<Job> _rollbacks = new();
+    private readonly Thread _worker;
+
+    private RegionLayout? _layout; // the weight set's tensors, packed as staging holds them
+    private PublisherRegistration? _publisher;
+    private ConsumerRegistration[] _consumers = [];
+    private StagedVersion? _active;
+    private StagedVersion? _lastGood;
+    private ulong _activeState;
+    private ulong _lastGoodVersion;
+    private ulong _highestPublished;
+    private Job? _pending;
+    private volatile bool _stopping;
+    private int _background; // snapshots and copy-ins running on the thread pool
+    private WeightSetState _persisted;
+
+    public WeightSetLifecycle(VersionManager manager, string name, int row, WeightSetState? persisted)
+    {
+        _manager = manager;
+        Name = name;
+        Row = row;
+        _pool = new StagingPool(manager.Options.StagingDirectory, StagingPool.PrefixFor(row, name), manager.Backend);
+        _persisted = new WeightSetState(name, null, 0, 0);
+        if (persisted is not null)
+            Recover(persisted);
+        else
+            manager.Table.Reset(row);
+        _worker = new Thread(Work) { IsBackground = true, Name = $"nccl-swap updates of {name}" };
+        _worker.Start();
+    }
+
+    public string Name { get; }
+
+    public int Row { get; }
+
+    /// <summary>What the state file holds for this weight set (replaced, never changed in place).</summary>
+    public WeightSetState Persisted => Volatile.Read(ref _persisted);
+
+    /// <summary>The staging files this weight set's persisted state names.</summary>
+    public IEnumerable<string> StagingFiles =>
+        new[] { Persisted.ActiveStaging?.File, Persisted.LastGoodStaging?.File }.OfType<string>();
+
+    public IReadOnlyList<UpdateOutcome> History
+    {
+        get
+        {
+            lock (_history)
+                return [.. _outcomes];
+        }
+    }
+
+    public IReadOnlyList<ConsumerRegistration> Consumers => Volatile.Read(ref _consumers);
+
+    private IBackend Backend => _manager.Backend;
+
+    private ILogger Log => _manager.Log;
+
+    // ---------------------------------------------------------------------------------------------------------
+    // Sessions
+
+    public (SessionWelcome Welcome, Registration? Registration) Open(SessionInfo session, Hello hello, IReadOnlyList<SafeFileHandle> descriptors)
+    {
+        if (hello.Layout is null)
+            return (new SessionWelcome(Row, ActiveState), null); // a session that registers nothing: ping, status
+        RegionLayout layout = hello.Layout;
+        var regions = new List<ClientRegion>();
+        try
+        {
+            bool writable = session.Role == Role.Consumer;
+            for (int i = 0; i < descriptors.Count; i++)
+                regions.Add(ClientRegion.Map(descriptors[i], hello.RegionNames[i], writable, layout.Length, Backend));
+        }
+        catch
+        {
+            foreach (ClientRegion region in regions)
+                region.Dispose();
+            foreach (SafeFileHandle descriptor in descriptors.Skip(regions.Count))
+                descriptor.Dispose();
+            throw;
+        }
+
+        Registration registration = session.Role == Role.Publisher
+            ? new PublisherRegistration(session, layout, regions[0])
+            : new ConsumerRegistration(session, layout, hello.Mode, [.. regions], hello.Serving);
+        try
+        {
+            lock (_membership)
+            {
+                if (_layout is not null && _layout.Mismatch(layout) is { } problem)
+                    throw new SessionRefusedException($"its tensors do not match weight set '{Name}': {problem}");
+                ulong state;
+                if (registration is PublisherRegistration publisher)
+                {
+                    if (_publisher is { IsGone: false } other)
+                        throw new SessionRefusedException($"weight set '{Name}' already has a publisher: {other}");
+                    _publisher = publisher;
+                    state = ActiveState;
+                }
+                else
+                {
+                    var consumer = (ConsumerRegistration)registration;
+                    state = Join(consumer);
+                    _consumers = [.. _consumers, consumer];
+                }
+                _layout ??= layout.Pack();
+                Log.LogInformation("{Set}: {Who} registered {Tensors} tensors ({Bytes} bytes){Mode}", Name, registration, layout.Tensors.Count, layout.TotalBytes,
+                    registration is ConsumerRegistration c ? $", {(c.Mode == ConsumerMode.Flip ? "flip" : "copy-in")}, serving {Describe(c.Serving)}" : "");
+                return (new SessionWelcome(Row, state), registration);
+            }
+        }
+        catch
+        {
+            registration.Leave();
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// Brings a joining consumer to where it can follow the table: a flip consumer that does not serve the active
+    /// version gets it in the slot the table names (never the slot it reads). Held under <c>_membership</c>, so no
+    /// activation can happen meanwhile.
+    /// </summary>
+    private ulong Join(ConsumerRegistration consumer)
+    {
+        ulong state;
+        StagedVersion? active;
+        lock (_refs)
+        {
+            state = _activeState;
+            active = _active?.AddReference();
+        }
+        try
+        {
+            ulong serving = consumer.Serving;
+            if (consumer.Mode == ConsumerMode.CopyIn || serving == state)
+                return state; // a copy-in consumer asks for the active version itself, at a step boundary
+            (ulong version, int slot) = VersionEntry.UnpackState(state);
+            if (state == 0)
+            {
+                if (consumer.Reads(0))
+                    throw new SessionRefusedException($"it serves {Describe(serving)}, which this agent does not know, from slot 0, where the first version will go: register serving nothing (0), or from slot 1");
+                return state;
+            }
+            if (consumer.Reads(slot))
+                throw new SessionRefusedException($"it serves {Describe(serving)} from slot {slot}, where active version {version} must go: register serving nothing (0) while it does not read its slots, or after switching to the other slot");
+            if (active is null)
+                throw new SessionRefusedException($"the bytes of active version {version} of '{Name}' were lost when the agent restarted, so they cannot be given to a new consumer; the next version published can");
+            var clock = Stopwatch.StartNew();
+            if (Deliver(active, consumer, slot, null) is { } failure)
+                throw new SessionRefusedException($"filling its slot {slot} with version {version} failed: {failure}");
+            Log.LogInformation("{Set}: filled slot {Slot} of {Who} with version {Version} in {Ms:0.0} ms", Name, slot, consumer, version, clock.Elapsed.TotalMilliseconds);
+            return state;
+        }
+        finally
+        {
+            active?.Release();
+        }
+    }
+
+    public void Close(SessionInfo session)
+    {
+        Registration? left = null;
+        lock (_membership)
+        {
+            if (_publisher?.Session.Id == session.Id)
+            {
+                left = _publisher;
+                _publisher = null;
+            }
+            else if (_consumers.FirstOrDefault(c => c.Session.Id == session.Id) is { } consumer)
+            {
+                left = consumer;
+                _consumers = _consumers.Where(c => c != consumer).ToArray();
+            }
+        }
+        if (left is null)
+            return;
+        left.Leave();
+        _acknowledged.Set(); // an update waiting for it to stop reading a slot need wait no more
+        Log.LogInformation("{Set}: {Who} left{Reason}", Name, left, session.EndReason is { } why ? $" ({why})" : "");
+    }
+
+    private void Evict(ConsumerRegistration consumer, string reason)
+    {
+        lock (_membership)
+            _consumers = _consumers.Where(c => c != consumer).ToArray();
+        consumer.Leave();
+        _manager.EndSession(consumer.Session.Id, reason);
+        Log.LogWarning("{Set}: ended {Who}: {Reason}", Name, consumer, reason);
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // Requests
+
+    public ulong ActiveState
+    {
+        get
+        {
+            lock (_refs)
+                return _activeState;
+        }
+    }
+
+    public Response? Handle(SessionInfo session, in Request request, Registration? registration, RequestDispatcher dispatcher)
+    {
+        switch ((RequestKind)request.Kind)
+        {
+            case RequestKind.Publish:
+                return Publish(registration as PublisherRegistration, request, dispatcher);
+            case RequestKind.Ack:
+                return Acknowledge(registration as ConsumerRegistration, request);
+            case RequestKind.CopyIn:
+                if (registration is not ConsumerRegistration { Mode: ConsumerMode.CopyIn } copyIn)
+                    return Messages.NewResponse(request, Abi.Status.Invalid, "copy-in is for consumers registered in copy-in mode");
+                Request copy = request;
+                Background(() => CopyIn(copyIn, copy, dispatcher));
+                return null;
+            case RequestKind.Rollback:
+                return Rollback(session, request, dispatcher);
+            case RequestKind.Status:
+                return StatusOf(request);
+            default:
+                return Messages.NewResponse(request, Abi.Status.Ok);
+        }
+    }
+
+    private Response? Publish(PublisherRegistration? publisher, Request request, RequestDispatcher dispatcher)
+    {
+        if (publisher is null)
+            return Messages.NewResponse(request, Abi.Status.Invalid, "this session registered no tensors to publish");
+        ulong version = request.Version;
+        if (version == 0 || version >= 1UL << 56)
+            return Messages.NewResponse(request, Abi.Status.Invalid, $"version {version} is not in [1, 2^56)");
+        lock (_queue)
+        {
+            if (_stopping)
+                return Messages.NewResponse(request, Abi.Status.Canceled, "the agent is stopping");
+            if (version <= _highestPublished)
+                return Messages.NewResponse(request, Abi.Status.Stale, $"version {version} is not newer than {_highestPublished}, already published");
+            _highestPublished = version;
+        }
+        var outcome = new UpdateOutcome(Name, version, rollback: false, publisher.Layout.TotalBytes);
+        Record(outcome);
+        bool wait = (request.Flags & AbiConstants.PublishWait) != 0;
+        var job = new Job(outcome, null, publisher.Session.Id, request, wait ? dispatcher : null);
+        Background(() => Snapshot(publisher, job, dispatcher));
+        return null;
+    }
+
+    /// <summary>Runs <paramref name="work"/> on the thread pool, counted so that <see cref="Dispose"/> can wait for it.</summary>
+    private void Background(Action work)
+    {
+        Interlocked.Increment(ref _background);
+        ThreadPool.UnsafeQueueUserWorkItem(_ =>
+        {
+            try
+            {
+                work();
+            }
+            finally
+            {
+                Interlocked.Decrement(ref _background);
+            }
+        }, null);
+    }
+
+    /// <summary>
+    /// Copies the publisher's tensors into a staging buffer and digests the publisher's bytes (the manifest), while
+    /// the publisher waits; then queues the version (or, under supersede, replaces the one still waiting) and answers.
+    /// </summary>
+    private void Snapshot(PublisherRegistration publisher, Job job, RequestDispatcher dispatcher)
+    {
+        UpdateOutcome outcome = job.Outcome;
+        StagingBuffer? buffer = null;
+        try
+        {
+            lock (_snapshot)
+            {
+                if (_manager.Options.Policy == UpdatePolicy.Queue)
+                    lock (_queue)
+                        while (_pending is not null && !_stopping)
+                            Monitor.Wait(_queue);
+                if (_stopping)
+                    throw new UpdateException(Abi.Status.Canceled, "the agent is stopping", UpdateResult.Abandoned);
+                if (!publisher.TryEnter())
+                    throw new UpdateException(Abi.Status.Canceled, "the publisher left before its snapshot was taken", UpdateResult.Abandoned);
+                var clock = Stopwatch.StartNew();
+                Manifest manifest;
+                try
+                {
+                    RegionLayout packed = _layout!;
+                    buffer = _pool.Acquire(packed.Length);
+                    Copy(publisher.Region.Buffer, buffer.Buffer, RegionLayout.CopyRuns(publisher.Layout, packed));
+                    manifest = publisher.Layout.ToManifest(Backend.Digests(publisher.Region.Buffer, Ranges(publisher.Layout)));
+                }
+                finally
+                {
+                    publisher.Exit();
+                }
+                outcome.Snapshot = clock.Elapsed;
+                job = job with { Source = new StagedVersion(outcome.Version, manifest, buffer, _pool) };
+                buffer = null;
+                Job? superseded = null;
+                lock (_queue)
+                {
+                    superseded = _pending;
+                    _pending = job;
+                    Monitor.PulseAll(_queue);
+                }
+                if (superseded is not null)
+                    Finish(superseded, UpdateResult.Superseded, Abi.Status.Canceled, $"superseded by version {outcome.Version}");
+            }
+            Log.LogDebug("{Set}: version {Version} snapshotted ({Bytes} bytes) in {Ms:0.00} ms", Name, outcome.Version, outcome.Bytes, outcome.Snapshot.TotalMilliseconds);
+            if (job.WaitFor is null)
+                dispatcher.Reply(job.Session, Messages.NewResponse(job.Request, Abi.Status.Ok, $"snapshot taken in {outcome.Snapshot.TotalMilliseconds:0.00} ms"));
+        }
+        catch (Exception e)
+        {
+            if (buffer is not null)
+                _pool.Return(buffer);
+            (int status, string detail, UpdateResult result) = Failure(e, "snapshot");
+            Finish(job, result, status, detail);
+            if (job.WaitFor is null)
+                dispatcher.Reply(job.Session, Messages.NewResponse(job.Request, status, detail));
+        }
+    }
+
+    private Response Acknowledge(ConsumerRegistration? consumer, in Request request)
+    {
+        if (consumer is not { Mode: ConsumerMode.Flip })
+            return Messages.NewResponse(request, Abi.Status.Invalid, "acknowledgements are for consumers registered in flip mode");
+        // An acknowledgement may arrive after the next activation (the consumer switched, then the agent went on:
+        // it may, since it writes only the slot nobody reads); it is recorded all the same, being true when sent.
+        ulong state = request.Version;
+        ulong active = ActiveState;
+        if (state != active && !WasActivated(state))
+            return Messages.NewResponse(request, Abi.Status.Invalid, $"acknowledged {Describe(state)}, which was never active; the active one is {Describe(active)}");
+        consumer.Acknowledge(state);
+        _acknowledged.Set();
+        return Messages.NewResponse(request, Abi.Status.Ok);
+    }
+
+    private bool WasActivated(ulong state)
+    {
+        lock (_history)
+            for (int i = _outcomes.Count - 1; i >= 0; i--)
+                if (_outcomes[i].Result == UpdateResult.Activated && _outcomes[i].State == state)
+                    return true;
+        return false;
+    }
+
+    private void CopyIn(ConsumerRegistration consumer, Request request, RequestDispatcher dispatcher)
+    {
+        StagedVersion? source;
+        ulong state;
+        lock (_refs)
+        {
+            state = _activeState;
+            source = _active?.AddReference();
+        }
+        Response response;
+        try
+        {
+            if (state == 0)
+                response = Messages.NewResponse(request, Abi.Status.NotFound, $"no version of '{Name}' is active yet");
+            else if (source is null)
+                response = Messages.NewResponse(request, Abi.Status.NotFound, $"the bytes of version {VersionEntry.UnpackState(state).Version} were lost at a restart; the next version will do");
+            else if (!consumer.TryEnter())
+                return; // it left: nobody to answer
+            else
+            {
+                string? failure;
+                var clock = Stopwatch.StartNew();
+                try
+                {
+                    failure = Deliver(source, consumer, 0, null);
+                }
+                finally
+                {
+                    consumer.Exit();
+                }
+                if (failure is null)
+                {
+                    consumer.Acknowledge(state);
+                    response = Messages.NewResponse(request with { Version = state }, Abi.Status.Ok, $"copied in {clock.Elapsed.TotalMilliseconds:0.00} ms");
+                }
+                else
+                {
+                    response = Messages.NewResponse(request, Abi.Status.Corrupt, failure);
+                    Log.LogError("{Set}: copy-in of version {Version} into {Who} failed: {Failure}", Name, source.Version, consumer, failure);
+                }
+            }
+        }
+        catch (Exception e)
+        {
+            response = Messages.NewResponse(request, Abi.Status.Busy, $"copy-in failed: {e.Message}");
+            Log.LogError(e, "{Set}: copy-in into {Who} failed", Name, consumer);
+        }
+        finally
+        {
+            source?.Release();
+        }
+        dispatcher.Reply(consumer.Session.Id, response);
+    }
+
+    /// <summary>Queues a return to the version that is last good now (its bytes held from this moment), ahead of any pending publish.</summary>
+    private Response? Rollback(SessionInfo session, in Request request, RequestDispatcher dispatcher)
+    {
+        StagedVersion? target;
+        ulong lastGoodVersion;
+        lock (_refs)
+        {
+            target = _lastGood?.AddReference();
+            lastGoodVersion = _lastGoodVersion;
+        }
+        if (target is null)
+            return Messages.NewResponse(request, Abi.Status.NotFound, lastGoodVersion != 0
+                ? $"the bytes of last good version {lastGoodVersion} were lost at a restart"
+                : $"'{Name}' has no last good version to return to");
+        var outcome = new UpdateOutcome(Name, target.Version, rollback: true, target.Manifest.TotalBytes);
+        Record(outcome);
+        lock (_queue)
+        {
+            if (!_stopping)
+            {
+                _rollbacks.Enqueue(new Job(outcome, target, session.Id, request, dispatcher));
+                Monitor.PulseAll(_queue);
+                return null;
+            }
+        }
+        target.Release();
+        return Messages.NewResponse(request, Abi.Status.Canceled, "the agent is stopping");
+    }
+
+    private Response StatusOf(in Request request)
+    {
+        if (request.Version == 0)
+        {
+            ulong state = ActiveState;
+            int pending;
+            lock (_queue)
+                pending = (_pending is null ? 0 : 1) + _rollbacks.Count;
+            return Messages.NewResponse(request with { Version = state }, Abi.Status.Ok,
+                $"active {VersionEntry.UnpackState(state).Version}, last good {_lastGoodVersion}, {pending} queued, {Consumers.Count} consumer(s)");
+        }
+        ulong version = request.Version;
+        UpdateOutcome? outcome;
+        lock (_history)
+            outcome = _outcomes.LastOrDefault(o => o.Version == version && !o.IsRollback);
+        return outcome is null
+            ? Messages.NewResponse(request, Abi.Status.NotFound, $"version {request.Version} of '{Name}' is unknown")
+            : Messages.NewResponse(request, outcome.Status, $"{outcome.Result.ToString().ToLowerInvariant()}{(outcome.Detail.Length > 0 ? ": " + outcome.Detail : "")}");
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // The update
+
+    private void Work()
+    {
+        while (true)
+        {
+            Job job;
+            lock (_queue)
+            {
+                while (!_stopping && _pending is null && _rollbacks.Count == 0)
+                    Monitor.Wait(_queue);
+                if (_stopping)
+                    return;
+                if (_rollbacks.Count > 0)
+                    job = _rollbacks.Dequeue();
+                else
+                {
+                    job = _pending!;
+                    _pending = null;
+                    Monitor.PulseAll(_queue); // room for a queued publish
+                }
+            }
+            try
+            {
+                Update(job);
+            }
+            catch (Exception e)
+            {
+                (int status, string detail, UpdateResult result) = Failure(e, "update");
+                Finish(job, result, status, detail);
+            }
+        }
+    }
+
+    private void Update(Job job)
+    {
+        UpdateOutcome outcome = job.Outcome;
+        StagedVersion source = job.Source!;
+        bool activated = false;
+        try
+        {
+            outcome.Result = UpdateResult.Staging;
+            var clock = Stopwatch.StartNew();
+            List<string> bad = Mismatches(source.Buffer.Buffer, source.Layout, source.Manifest);
+            outcome.Verify += clock.Elapsed;
+            if (bad.Count > 0)
+                throw new UpdateException(Abi.Status.Corrupt, $"the staged bytes of tensor '{bad[0]}'{(bad.Count > 1 ? $" (and {bad.Count - 1} more)" : "")} do not match the digest taken from the publisher's; not activated", UpdateResult.Failed);
+
+            ulong current = ActiveState;
+            int slot = current == 0 ? 0 : 1 - VersionEntry.UnpackState(current).Slot;
+            var done = new HashSet<ConsumerRegistration>();
+            while (true)
+            {
+                StopCheck();
+                var todo = Consumers.Where(c => c.Mode == ConsumerMode.Flip && !done.Contains(c)).ToList();
+                if (todo.Count == 0)
+                {
+                    lock (_membership)
+                    {
+                        if (Consumers.Any(c => c.Mode == ConsumerMode.Flip && !done.Contains(c)))
+                            continue; // one joined meanwhile: it needs the version too
+                        StopCheck();
+                        Activate(job, slot);
+                        activated = true;
+                        return;
+                    }
+                }
+                WaitUntilFree(slot, todo, outcome);
+                foreach (ConsumerRegistration consumer in todo)
+                {
+                    done.Add(consumer);
+                    if (!consumer.TryEnter())
+                        continue; // it left
+                    string? failure;
+                    try
+                    {
+                        failure = Deliver(source, consumer, slot, outcome);
+                    }
+                    finally
+                    {
+                        consumer.Exit();
+                    }
+                    if (failure is not null)
+                        throw new UpdateException(Abi.Status.Corrupt, $"{failure}; not activated", UpdateResult.Failed);
+                    outcome.Consumers++;
+                }
+            }
+        }
+        finally
+        {
+            if (!activated)
+                source.Release();
+        }
+    }
+
+    /// <summary>
+    /// Waits until none of <paramref name="consumers"/> reads <paramref name="slot"/> (they acknowledge the active
+    /// version, in the other slot); a consumer that has not by the deadline is ended, so it cannot hold up updates.
+    /// </summary>
+    private void WaitUntilFree(int slot, List<ConsumerRegistration> consumers, UpdateOutcome outcome)
+    {
+        var clock = Stopwatch.StartNew();
+        TimeSpan timeout = _manager.Options.AckTimeout;
+        while (true)
+        {
+            var readers = consumers.Where(c => !c.IsGone && c.Reads(slot)).ToList();
+            if (readers.Count == 0)
+                break;
+            TimeSpan left = timeout - clock.Elapsed;
+            if (left <= TimeSpan.Zero)
+            {
+                foreach (ConsumerRegistration reader in readers)
+                {
+                    Evict(reader, $"it still served {Describe(reader.Serving)} from slot {slot} {timeout.TotalSeconds:0.###} s after {Describe(ActiveState)} was activated (no acknowledgement)");
+                    lock (outcome.Evicted)
+                        outcome.Evicted.Add(reader.ToString());
+                }
+                break;
+            }
+            StopCheck();
+            _acknowledged.WaitOne(left < TimeSpan.FromMilliseconds(50) ? left : TimeSpan.FromMilliseconds(50));
+        }
+        outcome.AckWait += clock.Elapsed;
+    }
+
+    /// <summary>Under <c>_membership</c>: saves the new state, then makes it visible with one store in the table.</summary>
+    private void Activate(Job job, int slot)
+    {
+        StagedVersion source = job.Source!;
+        UpdateOutcome outcome = job.Outcome;
+        var clock = Stopwatch.StartNew();
+        ulong state = VersionEntry.PackState(source.Version, slot);
+        lock (_refs)
+        {
+            StagedVersion? previousActive = _active, previousLastGood = _lastGood;
+            WeightSetState previousPersisted = _persisted;
+            ulong previousVersion = VersionEntry.UnpackState(_activeState).Version;
+            StagedVersion? lastGood = outcome.IsRollback ? null : previousActive;
+            ulong lastGoodVersion = outcome.IsRollback ? 0 : previousVersion;
+
+            source.Buffer.WriteManifest(source.Manifest);
+            _persisted = new WeightSetState(Name, new ActiveVersion(source.Version, slot, source.Manifest.Digest.Value), lastGoodVersion, HighestPublished,
+                Staged(source), lastGood is null ? null : Staged(lastGood));
+            try
+            {
+                _manager.SaveState();
+            }
+            catch
+            {
+                _persisted = previousPersisted;
+                throw;
+            }
+            _manager.Table.Activate(Row, source.Version, slot, source.Manifest.Digest.Value, lastGoodVersion);
+            _activeState = state;
+            _active = source;
+            _lastGood = lastGood;
+            _lastGoodVersion = lastGoodVersion;
+            // References: the job's moves to active; the old active's to last good (publish) or away (rollback).
+            if (outcome.IsRollback)
+            {
+                previousActive?.Release();
+                previousLastGood?.Release();
+            }
+            else
+                previousLastGood?.Release();
+        }
+        outcome.Activate = clock.Elapsed;
+        outcome.State = state;
+        outcome.ActivatedAt = Stopwatch.GetTimestamp();
+        Finish(job, UpdateResult.Activated, Abi.Status.Ok, "");
+    }
+
+    private ulong HighestPublished
+    {
+        get
+        {
+            lock (_queue)
+                return _highestPublished;
+        }
+    }
+
+    private static StagedFile Staged(StagedVersion version) => new(version.Version, version.Buffer.FileName, version.Manifest.Digest.Value);
+
+    /// <summary>
+    /// Copies <paramref name="source"/> into <paramref name="consumer"/>'s slot and checks every tensor there
+    /// against the manifest, copying a bad tensor again up to the configured number of times. Null when the slot
+    /// holds the version exactly, else what stayed wrong. The caller holds the consumer (<c>TryEnter</c>).
+    /// </summary>
+    private string? Deliver(StagedVersion source, ConsumerRegistration consumer, int slot, UpdateOutcome? outcome)
+    {
+        ClientRegion target = consumer.Slot(slot);
+        var clock = Stopwatch.StartNew();
+        Copy(source.Buffer.Buffer, target.Buffer, RegionLayout.CopyRuns(source.Layout, consumer.Layout));
+        if (outcome is not null)
+            outcome.Stage += clock.Elapsed;
+        for (int attempt = 0; ; attempt++)
+        {
+            clock.Restart();
+            List<string> bad = Mismatches(target.Buffer, consumer.Layout, source.Manifest);
+            if (outcome is not null)
+                outcome.Verify += clock.Elapsed;
+            if (bad.Count == 0)
+                return null;
+            if (attempt == _manager.Options.Resends)
+                return $"{consumer}'s region '{target.Name}': tensor '{bad[0]}' does not match its digest after {attempt} re-send(s)";
+            Log.LogWarning("{Set}: version {Version}: {Count} tensor(s) in {Who}'s '{Region}' do not match their digests (first: '{Tensor}'); sending them again",
+                Name, source.Version, bad.Count, consumer, target.Name, bad[0]);
+            clock.Restart();
+            Copy(source.Buffer.Buffer, target.Buffer, RegionLayout.CopyRuns(source.Layout, consumer.Layout, bad));
+            if (outcome is not null)
+            {
+                outcome.Stage += clock.Elapsed;
+                outcome.Resent += bad.Count;
+            }
+        }
+    }
+
+    private void Copy(IDeviceBuffer from, IDeviceBuffer to, List<CopyRun> runs)
+    {
+        using ICopyStream stream = Backend.CreateStream();
+        foreach (CopyRun run in runs)
+            stream.CopyAsync(to, run.To, from, run.From, run.Bytes);
+        stream.Synchronize();
+    }
+
+    /// <summary>The tensors of <paramref name="layout"/> in <paramref name="buffer"/> whose digest differs from the manifest's.</summary>
+    private List<string> Mismatches(IDeviceBuffer buffer, RegionLayout layout, Manifest manifest)
+    {
+        Digest[] digests = Backend.Digests(buffer, Ranges(layout));
+        var bad = new List<string>();
+        for (int i = 0; i < digests.Length; i++)
+        {
+            ManifestEntry expected = manifest.Tensors[i];
+            if (expected.Name != layout.Tensors[i].Name)
+                throw new InvalidOperationException($"the manifest's tensor {i} is '{expected.Name}', the layout's '{layout.Tensors[i].Name}'");
+            if (digests[i] != expected.Digest)
+                bad.Add(expected.Name);
+        }
+        return bad;
+    }
+
+    private static List<(long Offset, long Length)> Ranges(RegionLayout layout) => layout.Tensors.Select(t => (t.Offset, t.Bytes)).ToList();
+
+    private void StopCheck()
+    {
+        if (_stopping)
+            throw new UpdateException(Abi.Status.Canceled, "the agent stopped before activating it", UpdateResult.Abandoned);
+    }
+
+    private (int Status, string Detail, UpdateResult Result) Failure(Exception e, string phase)
+    {
+        if (e is UpdateException update)
+            return (update.Status, update.Message, update.Result);
+        Log.LogError(e, "{Set}: {Phase} failed", Name, phase);
+        return (Abi.Status.Busy, $"{phase} failed: {e.Message}", UpdateResult.Failed);
+    }
+
+    private void Finish(Job job, UpdateResult result, int status, string detail)
+    {
+        UpdateOutcome outcome = job.Outcome;
+        outcome.Result = result;
+        outcome.Status = status;
+        outcome.Detail = detail;
+        if (result != UpdateResult.Activated && job.Source is not null && result is UpdateResult.Superseded)
+            job.Source.Release();
+        if (job.WaitFor is { } dispatcher)
+            dispatcher.Reply(job.Session, Messages.NewResponse(job.Request with { Version = outcome.State != 0 ? outcome.State : job.Request.Version }, status, detail));
+        if (result == UpdateResult.Activated)
+            Log.LogInformation("{Outcome}", outcome);
+        else if (result is UpdateResult.Failed)
+            Log.LogError("{Outcome}", outcome);
+        else
+            Log.LogInformation("{Outcome}", outcome);
+        _manager.Report(outcome);
+    }
+
+    private void Record(UpdateOutcome outcome)
+    {
+        lock (_history)
+        {
+            if (_outcomes.Count == HistoryLimit)
+                _outcomes.RemoveAt(0);
+            _outcomes.Add(outcome);
+        }
+    }
+
+    private static string Describe(ulong state)
+    {
+        if (state == 0)
+            return "no version";
+        (ulong version, int slot) = VersionEntry.UnpackState(state);
+        return $"version {version} (slot {slot})";
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // Restart
+
+    /// <summary>Puts back what a previous life of the agent persisted, trusting staged bytes only once their digests match.</summary>
+    private void Recover(WeightSetState persisted)
+    {
+        _highestPublished = persisted.HighestPublished;
+        if (persisted.Active is { } active)
+        {
+            _manager.Table.Restore(Row, active.Version, active.Slot, active.ManifestDigest, persisted.LastGood);
+            _activeState = VersionEntry.PackState(active.Version, active.Slot);
+            _lastGoodVersion = persisted.LastGood;
+            _active = RecoverStaged(persisted.ActiveStaging, active.Version, active.ManifestDigest, "active");
+            if (persisted.LastGoodStaging is { } lastGood)
+                _lastGood = RecoverStaged(lastGood, persisted.LastGood, lastGood.ManifestDigest, "last good");
+            _layout = (_active ?? _lastGood)?.Layout;
+        }
+        else
+            _manager.Table.Reset(Row);
+        _persisted = persisted with
+        {
+            ActiveStaging = _active is null ? null : persisted.ActiveStaging,
+            LastGoodStaging = _lastGood is null ? null : persisted.LastGoodStaging,
+        };
+    }
+
+    private StagedVersion? RecoverStaged(StagedFile? file, ulong version, ulong manifestDigest, string what)
+    {
+        if (file is null || file.Version != version)
+        {
+            Log.LogWarning("{Set}: no staged bytes of {What} version {Version} were recorded", Name, what, version);
+            return null;
+        }
+        string path = Path.Combine(_manager.Options.StagingDirectory, file.File);
+        StagingBuffer? buffer = null;
+        try
+        {
+            var clock = Stopwatch.StartNew();
+            buffer = StagingBuffer.Open(path, Backend);
+            Manifest manifest = buffer.ReadManifest();
+            if (manifest.Digest.Value != manifestDigest)
+                throw new InvalidDataException($"its manifest's digest is {manifest.Digest}, the state says {manifestDigest:x16}");
+            RegionLayout layout = RegionLayout.Packed(manifest);
+            if (layout.Length > buffer.Length)
+                throw new InvalidDataException($"it holds {buffer.Length} bytes, the manifest's tensors need {layout.Length}");
+            List<string> bad = Mismatches(buffer.Buffer, layout, manifest);
+            if (bad.Count > 0)
+                throw new InvalidDataException($"tensor '{bad[0]}' does not match its digest ({bad.Count} tensor(s) in all)");
+            _pool.Adopt(buffer);
+            Log.LogInformation("{Set}: recovered {What} version {Version} from {File} ({Bytes} bytes, digests checked in {Ms:0.0} ms)", Name, what, version, path, manifest.TotalBytes, clock.Elapsed.TotalMilliseconds);
+            return new StagedVersion(version, manifest, buffer, _pool);
+        }
+        catch (Exception e) when (e is IOException or InvalidDataException or FormatException or UnauthorizedAccessException or JsonException)
+        {
+            buffer?.Dispose();
+            Log.LogWarning("{Set}: the staged bytes of {What} version {Version} in {File} cannot be used ({Reason}); consumers keep serving it from their own memory, but it cannot be given to new consumers{Rollback} until the next version is published",
+                Name, what, version, path, e.Message, what == "active" ? "" : " or rolled back to");
+            return null;
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+
+    /// <summary>Stops the worker: the update in flight and every queued one are abandoned, nothing more is activated.</summary>
+    public void Stop()
+    {
+        List<Job> abandoned;
+        lock (_queue)
+        {
+            _stopping = true;
+            abandoned = [.. _rollbacks];
+            _rollbacks.Clear();
+            if (_pending is not null)
+                abandoned.Add(_pending);
+            _pending = null;
+            Monitor.PulseAll(_queue);
+        }
+        _acknowledged.Set();
+        _worker.Join();
+        lock (_snapshot)
+        {
+            // No snapshot is in progress past this point; the ones that were have queued or abandoned their job.
+        }
+        foreach (Job job in abandoned)
+        {
+            Finish(job, UpdateResult.Abandoned, Abi.Status.Canceled, "the agent stopped before activating it");
+            job.Source?.Release();
+        }
+    }
+
+    /// <summary>After <see cref="Stop"/>: unmaps everything. The active and last good versions' files stay for the next life.</summary>
+    public void Dispose()
+    {
+        var clock = Stopwatch.StartNew();
+        while (Volatile.Read(ref _background) > 0 && clock.Elapsed < TimeSpan.FromSeconds(30))
+            Thread.Sleep(1);
+        foreach (ConsumerRegistration consumer in Consumers)
+            consumer.Leave();
+        _publisher?.Leave();
+        _pool.Dispose();
+        _acknowledged.Dispose();
+    }
+
+    /// <summary>An update (a publish or a rollback), whose requester may wait for its outcome.</summary>
+    private sealed record Job(UpdateOutcome Outcome, StagedVersion? Source, long Session, Request Request, RequestDispatcher? WaitFor);
+
+    private sealed class UpdateException(int status, string message, UpdateResult result) : Exception(message)
+    {
+        public int Status { get; } = status;
+
+        public UpdateResult Result { get; } = result;
+    }
+}

@@ -1,0 +1,123 @@
+using NcclSwap.Cuda;
+
+namespace NcclSwap.DataPlane;
+
+/// <summary>
+/// A backend that hands everything to another and, when told to, spoils bytes the way failing hardware would:
+/// after a copy into a buffer whose name contains a given text, it flips one bit in the middle of the range just
+/// written. For tests of the layers above the seam (verification, re-sending, refusing to activate); it works over
+/// either backend, since it reads and writes the byte through the inner backend.
+/// </summary>
+public sealed class FlakyBackend(IBackend inner) : IBackend
+{
+    private readonly Lock _lock = new();
+    private readonly List<Rule> _rules = [];
+    private int _corrupted;
+
+    public IBackend Inner { get; } = inner;
+
+    /// <summary>How many copies were spoiled so far.</summary>
+    public int Corrupted => Volatile.Read(ref _corrupted);
+
+    /// <summary>Spoils the next <paramref name="count"/> copies into buffers whose name contains <paramref name="target"/>.</summary>
+    public void CorruptCopiesInto(string target, int count = 1)
+    {
+        lock (_lock)
+            _rules.Add(new Rule(target, count));
+    }
+
+    /// <summary>Forgets every rule not yet used up.</summary>
+    public void Heal()
+    {
+        lock (_lock)
+            _rules.Clear();
+    }
+
+    public string Kind => Inner.Kind;
+
+    public string Description => $"{Inner.Description} (flaky: spoils bytes on request)";
+
+    public PinnedBufferPool PinnedPool => Inner.PinnedPool;
+
+    public IDeviceBuffer Allocate(long length) => Inner.Allocate(length);
+
+    public IDeviceBuffer MapHost(nint pointer, long length, bool readOnly, string name) => Inner.MapHost(pointer, length, readOnly, name);
+
+    public Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges) => Inner.Digests(buffer, ranges);
+
+    public ICopyStream CreateStream() => new FlakyStream(this, Inner.CreateStream());
+
+    public IDeviceEvent CreateEvent() => Inner.CreateEvent();
+
+    public void Upload(ReadOnlySpan<byte> source, IDeviceBuffer destination, long offset = 0) => Inner.Upload(source, destination, offset);
+
+    public void Download(IDeviceBuffer source, long offset, Span<byte> destination) => Inner.Download(source, offset, destination);
+
+    public string CreateCollectiveId() => Inner.CreateCollectiveId();
+
+    public ICollective JoinCollective(string id, int rank, int size, TimeSpan timeout) => Inner.JoinCollective(id, rank, size, timeout);
+
+    public void Dispose() => Inner.Dispose();
+
+    private bool Take(IDeviceBuffer destination)
+    {
+        string name = destination.ToString() ?? "";
+        lock (_lock)
+        {
+            Rule? rule = _rules.FirstOrDefault(r => name.Contains(r.Target, StringComparison.Ordinal));
+            if (rule is null)
+                return false;
+            if (--rule.Left == 0)
+                _rules.Remove(rule);
+            return true;
+        }
+    }
+
+    private void Spoil(ICopyStream stream, IDeviceBuffer destination, long offset, long length)
+    {
+        if (length == 0 || !Take(destination))
+            return;
+        stream.Synchronize();
+        long at = offset + length / 2;
+        Span<byte> one = stackalloc byte[1];
+        Inner.Download(destination, at, one);
+        one[0] ^= 0x10;
+        Inner.Upload(one, destination, at);
+        Interlocked.Increment(ref _corrupted);
+    }
+
+    private sealed class Rule(string target, int count)
+    {
+        public string Target { get; } = target;
+
+        public int Left { get; set; } = count;
+    }
+
+    private sealed class FlakyStream(FlakyBackend backend, ICopyStream inner) : ICopyStream
+    {
+        public void CopyAsync(IDeviceBuffer destination, long destinationOffset, PinnedBuffer source, long sourceOffset, long length)
+        {
+            inner.CopyAsync(destination, destinationOffset, source, sourceOffset, length);
+            backend.Spoil(inner, destination, destinationOffset, length);
+        }
+
+        public void CopyAsync(PinnedBuffer destination, long destinationOffset, IDeviceBuffer source, long sourceOffset, long length) =>
+            inner.CopyAsync(destination, destinationOffset, source, sourceOffset, length);
+
+        public void CopyAsync(IDeviceBuffer destination, long destinationOffset, IDeviceBuffer source, long sourceOffset, long length)
+        {
+            inner.CopyAsync(destination, destinationOffset, source, sourceOffset, length);
+            backend.Spoil(inner, destination, destinationOffset, length);
+        }
+
+        public void FillAsync(IDeviceBuffer destination, long offset, long length, byte value) => inner.FillAsync(destination, offset, length, value);
+
+        public void Record(IDeviceEvent @event) => inner.Record(@event);
+
+        public void Wait(IDeviceEvent @event) => inner.Wait(@event);
+
+        public void Synchronize() => inner.Synchronize();
+
+        public void Dispose() => inner.Dispose();
+    }
+}

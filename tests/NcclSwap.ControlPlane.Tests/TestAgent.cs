@@ -1,0 +1,139 @@
+using System.Globalization;
+using NcclSwap.ControlPlane.Versions;
+using NcclSwap.DataPlane;
+using NcclSwap.Testing;
+using NcclSwap.WeightSets;
+
+namespace NcclSwap.ControlPlane.Tests;
+
+/// <summary>
+/// An agent for the life-cycle tests: the real <see cref="AgentCore"/> on the host backend (behind a
+/// <see cref="FlakyBackend"/> that spoils bytes when a test says so), in this process or as a process of its
+/// own that a test can kill, with its state, staging and socket in a fresh folder; and the peers that talk to it.
+/// </summary>
+internal sealed class TestAgent : IAsyncDisposable
+{
+    public const string AgentPeer = "agent";
+
+    private TestAgent(string folder, AgentCore? core, FlakyBackend? backend, TestLog log)
+    {
+        Folder = folder;
+        Core = core;
+        Backend = backend;
+        Log = log;
+    }
+
+    public string Folder { get; }
+
+    public string SocketPath => Path.Combine(Folder, "agent.sock");
+
+    /// <summary>The agent when it runs in this process.</summary>
+    public AgentCore? Core { get; private set; }
+
+    public FlakyBackend? Backend { get; }
+
+    public TestLog Log { get; }
+
+    public static AgentOptions Options(string folder, UpdatePolicy policy, TimeSpan ackTimeout)
+    {
+        var roles = new RolePolicy();
+        roles.Users[MyUid()] = Role.Publisher | Role.Consumer | Role.Operator;
+        return new AgentOptions(Path.Combine(folder, "agent.sock"), Path.Combine(folder, "state"), Path.Combine(folder, "staging"), 8, roles, policy, ackTimeout);
+    }
+
+    /// <summary>An agent in this process.</summary>
+    public static TestAgent Start(UpdatePolicy policy = UpdatePolicy.Queue, TimeSpan? ackTimeout = null)
+    {
+        string folder = Directory.CreateTempSubdirectory("nccl-swap-agent-").FullName;
+        var log = new TestLog();
+        var backend = new FlakyBackend(new HostBackend());
+        AgentCore core = AgentCore.Start(Options(folder, policy, ackTimeout ?? TimeSpan.FromSeconds(30)), backend, log);
+        return new TestAgent(folder, core, backend, log);
+    }
+
+    /// <summary>A folder for an agent that runs as its own process (<see cref="StartProcess"/>).</summary>
+    public static TestAgent ForProcess() => new(Directory.CreateTempSubdirectory("nccl-swap-agent-").FullName, null, null, new TestLog());
+
+    /// <summary>Starts the agent as a process of its own on this folder and waits until it listens.</summary>
+    public PeerProcess StartProcess(UpdatePolicy policy, TimeSpan ackTimeout)
+    {
+        PeerProcess agent = PeerHost.Start(AgentPeer, Folder, policy.ToString(), ackTimeout.TotalSeconds.ToString(CultureInfo.InvariantCulture));
+        agent.WaitForLine("listening", TimeSpan.FromSeconds(30));
+        return agent;
+    }
+
+    /// <summary>The peer role: <c>agent FOLDER POLICY ACK_SECONDS</c> runs an agent until killed (or stdin closes).</summary>
+    public static int RunPeer(string[] args)
+    {
+        var log = new ConsoleLog();
+        using var backend = new HostBackend();
+        AgentCore core = AgentCore.Start(Options(args[0], Enum.Parse<UpdatePolicy>(args[1]),
+            TimeSpan.FromSeconds(double.Parse(args[2], CultureInfo.InvariantCulture))), backend, log);
+        Console.WriteLine("listening");
+        Console.In.ReadToEnd();
+        core.DisposeAsync().AsTask().GetAwaiter().GetResult();
+        return 0;
+    }
+
+    public PeerProcess Publisher(string set, SyntheticModel model, ulong first, ulong last, bool wait, int paceMilliseconds)
+    {
+        PeerProcess peer = PeerHost.Start(LifecyclePeers.Publisher, SocketPath, set, model.ToString(),
+            $"{first}", $"{last}", wait ? "1" : "0", paceMilliseconds.ToString(CultureInfo.InvariantCulture));
+        peer.WaitForLine("ready", TimeSpan.FromSeconds(30));
+        return peer;
+    }
+
+    public PeerProcess Consumer(string set, SyntheticModel model, ConsumerMode mode, ulong until = 0)
+    {
+        PeerProcess peer = PeerHost.Start(LifecyclePeers.Consumer, SocketPath, set, model.ToString(), mode == ConsumerMode.Flip ? "flip" : "copy-in", $"{until}");
+        peer.WaitForLine("ready", TimeSpan.FromSeconds(30));
+        return peer;
+    }
+
+    /// <summary>Waits until <paramref name="condition"/> holds, or fails with <paramref name="what"/> and the agent's log.</summary>
+    public void WaitFor(Func<bool> condition, TimeSpan timeout, string what)
+    {
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (!condition())
+        {
+            if (clock.Elapsed > timeout)
+                Assert.Fail($"{what} did not happen within {timeout.TotalSeconds} s; agent log:{Environment.NewLine}{Log}");
+            Thread.Sleep(10);
+        }
+    }
+
+    /// <summary>The outcome of the latest update of <paramref name="version"/> (in-process agent).</summary>
+    public UpdateOutcome? Outcome(string set, ulong version, bool rollback = false) =>
+        Core!.Versions.History(set).LastOrDefault(o => o.Version == version && o.IsRollback == rollback);
+
+    public UpdateOutcome WaitForOutcome(string set, ulong version, bool rollback = false, TimeSpan? timeout = null)
+    {
+        WaitFor(() => Outcome(set, version, rollback) is { IsFinal: true }, timeout ?? TimeSpan.FromSeconds(60), $"the end of the update to version {version}");
+        return Outcome(set, version, rollback)!;
+    }
+
+    public static uint MyUid() =>
+        uint.Parse(File.ReadAllLines("/proc/self/status").First(l => l.StartsWith("Uid:", StringComparison.Ordinal)).Split('\t', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture);
+
+    public async ValueTask DisposeAsync()
+    {
+        if (Core is not null)
+            await Core.DisposeAsync();
+        Backend?.Dispose();
+        Directory.Delete(Folder, recursive: true);
+    }
+
+    /// <summary>The agent process's log, on its stdout.</summary>
+    private sealed class ConsoleLog : Microsoft.Extensions.Logging.ILogger
+    {
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+
+        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => logLevel >= Microsoft.Extensions.Logging.LogLevel.Information;
+
+        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
+        {
+            if (IsEnabled(logLevel))
+                Console.WriteLine($"{logLevel}: {formatter(state, exception)}");
+        }
+    }
+}
