@@ -32,9 +32,16 @@ internal static unsafe class FdPassing
         {
             var iov = new Interop.Sys.IoVec { Base = (nint)data, Length = (nuint)bytes.Length };
             var message = new Interop.Sys.MsgHdr { Iov = (nint)(&iov), IovLength = 1, Control = (nint)control, ControlLength = (nuint)space };
-            nint sent = Interop.Sys.SendMsg((int)socket.SafeHandle.DangerousGetHandle(), &message, 0);
+            nint sent;
+            int errno;
+            do
+            {
+                sent = Interop.Sys.SendMsg((int)socket.SafeHandle.DangerousGetHandle(), &message, 0);
+                errno = sent < 0 ? Marshal.GetLastPInvokeError() : 0;
+            }
+            while (errno == 4 /* EINTR */);
             if (sent < 0)
-                throw new IOException($"sendmsg failed (errno {Marshal.GetLastPInvokeError()})");
+                throw new IOException($"sendmsg failed (errno {errno})");
             for (int done = (int)sent; done < bytes.Length;) // the descriptors went with the first part
                 done += socket.Send(bytes[done..]);
         }
@@ -53,11 +60,18 @@ internal static unsafe class FdPassing
             var iov = new Interop.Sys.IoVec { Base = (nint)data, Length = (nuint)buffer.Length };
             var message = new Interop.Sys.MsgHdr { Iov = (nint)(&iov), IovLength = 1, Control = (nint)control, ControlLength = (nuint)space };
             int flags = 0x40000000 /* MSG_CMSG_CLOEXEC */ | (dontWait ? 0x40 /* MSG_DONTWAIT */ : 0);
-            nint received = Interop.Sys.RecvMsg((int)socket.SafeHandle.DangerousGetHandle(), &message, flags);
+            nint received;
+            int errno;
+            do
+            {
+                message.ControlLength = (nuint)space;
+                received = Interop.Sys.RecvMsg((int)socket.SafeHandle.DangerousGetHandle(), &message, flags);
+                errno = received < 0 ? Marshal.GetLastPInvokeError() : 0;
+            }
+            while (errno == 4 /* EINTR: a signal (a child's exit, say) came first */);
             if (received < 0)
             {
-                int errno = Marshal.GetLastPInvokeError();
-                if (dontWait && errno is 11 /* EAGAIN */ or 4 /* EINTR */)
+                if (dontWait && errno == 11 /* EAGAIN */)
                     return (-1, []);
                 throw new IOException($"recvmsg failed (errno {errno})");
             }

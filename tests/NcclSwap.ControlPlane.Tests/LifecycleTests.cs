@@ -37,14 +37,21 @@ public sealed partial class LifecycleTests
         flip.WaitForLine("reached", TimeSpan.FromMinutes(2));
         copyIn.WaitForLine("reached", TimeSpan.FromMinutes(2));
 
-        // Every version was activated, in order, and the flip consumer acknowledged each one.
+        // Every version was activated, in order (queue policy). The flip consumer switched to newer versions only
+        // (it may skip one that was active only between two of its steps), and the agent counted every switch's
+        // acknowledgement: the next version can only go into a slot once the agent knows nobody reads it.
         IReadOnlyList<UpdateOutcome> history = agent.Core!.Versions.History("llama");
         Assert.Equal(Enumerable.Range(1, (int)last).Select(v => (ulong)v), history.Select(o => o.Version));
         Assert.All(history, o => Assert.Equal(UpdateResult.Activated, o.Result));
-        Assert.Equal(Enumerable.Range(1, (int)last).Select(v => (ulong)v), Switches(flip));
+        List<ulong> flipped = Switches(flip);
+        Assert.Equal(flipped.Order(), flipped);
+        Assert.Equal(flipped.Distinct(), flipped);
+        Assert.Equal(last, flipped[^1]);
+        // Two activations in a row use both slots, so a third waits for an acknowledgement: at least every other version.
+        Assert.True(flipped.Count >= (int)last / 2, $"the flip consumer switched only {flipped.Count} times");
         long Acknowledged() => agent.Core.Versions.Consumers("llama").Single(c => c.Mode == ConsumerMode.Flip).Acknowledgements;
-        agent.WaitFor(() => Acknowledged() >= (long)last, TimeSpan.FromSeconds(10), "the last acknowledgement"); // it follows the switch by a moment
-        Assert.Equal((long)last, Acknowledged());
+        agent.WaitFor(() => Acknowledged() >= flipped.Count, TimeSpan.FromSeconds(10), "the last acknowledgement"); // it follows the switch by a moment
+        Assert.Equal(flipped.Count, Acknowledged());
         Assert.Equal(2, agent.Core.Versions.Consumers("llama").Count);
         Assert.Equal(VersionEntry.PackState(last, (int)((last - 1) % 2)), agent.Core.Table.ReadState(0));
 
@@ -57,8 +64,394 @@ public sealed partial class LifecycleTests
         string flipSummary = Stop(flip), copySummary = Stop(copyIn);
         Assert.Contains("torn=0", flipSummary);
         Assert.Contains("torn=0", copySummary);
-        Assert.Contains($"switches={last}", flipSummary);
+        Assert.Contains($"switches={flipped.Count}", flipSummary);
         Assert.DoesNotContain("torn ", flip.Output + copyIn.Output);
+    }
+
+    private static RegionLayout Layout => Model.Layout();
+
+    /// <summary>Steps <paramref name="consumer"/> until it serves <paramref name="version"/>, as an engine would between steps.</summary>
+    private static void StepUntil(TestAgent agent, ConsumerClient consumer, ulong version) =>
+        agent.WaitFor(() => { consumer.Step(); return consumer.Version == version; }, TimeSpan.FromSeconds(30), $"a {consumer.Mode} consumer serving version {version} (it serves {consumer.Version}, {consumer.LastError})");
+
+    /// <summary>The consumer's weights, byte for byte, against what version <paramref name="version"/> holds.</summary>
+    private static void AssertHolds(ConsumerClient consumer, ulong version)
+    {
+        Assert.Equal(version, consumer.Version);
+        foreach (TensorPlacement tensor in consumer.Layout.Tensors)
+        {
+            byte[] expected = new byte[tensor.Bytes];
+            SyntheticModel.Fill(version, tensor.Name, expected);
+            Assert.True(consumer.Weights.Tensor(tensor.Name).SequenceEqual(expected), $"tensor '{tensor.Name}' of the {consumer.Mode} consumer is not version {version}'s");
+        }
+    }
+
+    private static PublishResult Publish(PublisherClient publisher, ulong version)
+    {
+        SyntheticModel.Fill(version, publisher.Tensors.Layout, publisher.Tensors.Pointer);
+        return publisher.Publish(version, wait: true);
+    }
+
+    [Fact]
+    public async Task Rollback_restores_the_previous_bytes_exactly_and_leaves_nothing_to_roll_back_to()
+    {
+        await using TestAgent agent = TestAgent.Start();
+        using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
+        using var copyIn = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
+        using PeerProcess reader = agent.Consumer("llama", Model, ConsumerMode.Flip);
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+        using var operatorClient = ChannelClient.Connect(agent.SocketPath, Role.Operator, "llama");
+
+        Assert.Contains("no last good version", ChannelClient.Detail(operatorClient.Call(operatorClient.NewRequest(RequestKind.Rollback), TimeSpan.FromSeconds(10))));
+        Assert.True(Publish(publisher, 1).Ok);
+        StepUntil(agent, flip, 1);
+        Assert.True(Publish(publisher, 2).Ok);
+        StepUntil(agent, flip, 2);
+        StepUntil(agent, copyIn, 2);
+        AssertHolds(flip, 2);
+        AssertHolds(copyIn, 2);
+        Assert.Equal(1UL, agent.Core!.Table.ReadEntry(0).LastGood);
+
+        Response rollback = operatorClient.Call(operatorClient.NewRequest(RequestKind.Rollback), TimeSpan.FromSeconds(30));
+        Assert.Equal(Status.Ok, rollback.Status);
+        Assert.Equal(VersionEntry.PackState(1, 0), rollback.Version); // version 1 again, in the slot version 2 did not use
+        StepUntil(agent, flip, 1);
+        StepUntil(agent, copyIn, 1);
+        AssertHolds(flip, 1);
+        AssertHolds(copyIn, 1);
+        Assert.Equal(0UL, agent.Core.Table.ReadEntry(0).LastGood);
+        UpdateOutcome outcome = agent.WaitForOutcome("llama", 1, rollback: true);
+        Assert.Equal(UpdateResult.Activated, outcome.Result);
+
+        Response again = operatorClient.Call(operatorClient.NewRequest(RequestKind.Rollback), TimeSpan.FromSeconds(10));
+        Assert.Equal(Status.NotFound, again.Status);
+        Assert.Contains("no last good version", ChannelClient.Detail(again));
+
+        Assert.True(Publish(publisher, 3).Ok); // publishing goes on from the highest version published
+        Assert.Equal(Status.Stale, publisher.Publish(2).Status);
+        StepUntil(agent, flip, 3);
+        AssertHolds(flip, 3);
+        reader.WaitForLine("switch 3 ", TimeSpan.FromSeconds(30));
+        string summary = Stop(reader);
+        Assert.Contains("torn=0", summary);
+        Assert.Equal([1UL, 2, 1, 3], Switches(reader));
+    }
+
+    [Fact]
+    public async Task Bytes_spoiled_on_their_way_into_staging_are_caught_and_never_activated()
+    {
+        await using TestAgent agent = TestAgent.Start();
+        using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
+        using var copyIn = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+        Assert.True(Publish(publisher, 1).Ok);
+        StepUntil(agent, flip, 1);
+        StepUntil(agent, copyIn, 1);
+        ulong before = agent.Core!.Table.ReadState(0);
+
+        agent.Backend!.CorruptCopiesInto("staging");
+        PublishResult spoiled = Publish(publisher, 2);
+        Assert.Equal(Status.Corrupt, spoiled.Status);
+        Assert.Contains("staged bytes of tensor", agent.WaitForOutcome("llama", 2).Detail);
+        Assert.Equal(1, agent.Backend.Corrupted);
+        Assert.Equal(UpdateResult.Failed, agent.Outcome("llama", 2)!.Result);
+        Assert.Equal(before, agent.Core.Table.ReadState(0));
+        Assert.False(flip.Step());
+        Assert.False(copyIn.Step());
+        AssertHolds(flip, 1);
+        AssertHolds(copyIn, 1);
+
+        Assert.True(Publish(publisher, 3).Ok);
+        StepUntil(agent, flip, 3);
+        StepUntil(agent, copyIn, 3);
+        AssertHolds(flip, 3);
+        AssertHolds(copyIn, 3);
+    }
+
+    [Fact]
+    public async Task A_tensor_spoiled_once_on_its_way_to_a_consumer_is_sent_again_and_the_version_activates_intact()
+    {
+        await using TestAgent agent = TestAgent.Start();
+        using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
+        using var copyIn = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+        Assert.True(Publish(publisher, 1).Ok);
+        StepUntil(agent, flip, 1);
+
+        agent.Backend!.CorruptCopiesInto("slot1");
+        Assert.True(Publish(publisher, 2).Ok);
+        UpdateOutcome outcome = agent.WaitForOutcome("llama", 2);
+        Assert.Equal(UpdateResult.Activated, outcome.Result);
+        Assert.Equal(1, outcome.Resent);
+        StepUntil(agent, flip, 2);
+        AssertHolds(flip, 2);
+
+        agent.Backend.CorruptCopiesInto("weights"); // the copy-in consumer's buffers
+        StepUntil(agent, copyIn, 2);
+        AssertHolds(copyIn, 2);
+        Assert.Equal(2, agent.Backend.Corrupted);
+        Assert.Contains(agent.Log.Lines, l => l.Contains("'weights' do not match their digests", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public async Task A_consumer_whose_copy_stays_wrong_fails_the_version_and_every_consumer_keeps_the_last_good_one()
+    {
+        await using TestAgent agent = TestAgent.Start();
+        using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
+        using var other = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+        Assert.True(Publish(publisher, 1).Ok);
+        StepUntil(agent, flip, 1);
+        StepUntil(agent, other, 1);
+
+        agent.Backend!.CorruptCopiesInto("slot1", count: 1000);
+        PublishResult failed = Publish(publisher, 2);
+        Assert.Equal(Status.Corrupt, failed.Status);
+        UpdateOutcome outcome = agent.WaitForOutcome("llama", 2);
+        Assert.Equal(UpdateResult.Failed, outcome.Result);
+        Assert.Matches("region 'slot1': tensor '.+' does not match its digest after 2 re-send", outcome.Detail);
+        Assert.Equal(VersionEntry.PackState(1, 0), agent.Core!.Table.ReadState(0));
+        Assert.False(flip.Step());
+        Assert.False(other.Step());
+        AssertHolds(flip, 1);
+        AssertHolds(other, 1);
+
+        agent.Backend.Heal();
+        Assert.True(Publish(publisher, 3).Ok);
+        StepUntil(agent, flip, 3);
+        StepUntil(agent, other, 3);
+        AssertHolds(flip, 3);
+        AssertHolds(other, 3);
+    }
+
+    private static void Signal(PeerProcess peer, string signal)
+    {
+        using var kill = System.Diagnostics.Process.Start("kill", [$"-{signal}", $"{peer.Process.Id}"]);
+        kill.WaitForExit();
+    }
+
+    [Fact]
+    public async Task A_consumer_killed_while_an_update_waits_for_it_does_not_hold_up_that_update_or_the_next()
+    {
+        await using TestAgent agent = TestAgent.Start(ackTimeout: TimeSpan.FromSeconds(60));
+        using PeerProcess survivor = agent.Consumer("llama", Model, ConsumerMode.Flip);
+        using PeerProcess victim = agent.Consumer("llama", Model, ConsumerMode.Flip);
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+        Assert.True(Publish(publisher, 1).Ok);
+        survivor.WaitForLine("switch 1 ", TimeSpan.FromSeconds(30));
+        victim.WaitForLine("switch 1 ", TimeSpan.FromSeconds(30));
+        agent.WaitFor(() => agent.Core!.Versions.Consumers("llama").All(c => c.Serving == VersionEntry.PackState(1, 0)), TimeSpan.FromSeconds(10), "both acknowledgements of version 1");
+
+        Signal(victim, "STOP"); // it serves version 1 from slot 0 and will not move on
+        Assert.True(Publish(publisher, 2).Ok); // slot 1 was free in both: no waiting
+        Task<PublishResult> third = Task.Run(() => Publish(publisher, 3)); // slot 0 again: the victim still reads it
+        agent.WaitFor(() => agent.Outcome("llama", 3) is { Result: UpdateResult.Staging }, TimeSpan.FromSeconds(10), "the update to version 3 starting");
+        await Task.Delay(500, TestContext.Current.CancellationToken);
+        Assert.Equal(UpdateResult.Staging, agent.Outcome("llama", 3)!.Result); // held up by the stopped consumer
+
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        victim.Process.Kill(); // SIGKILL: its session closes, it no longer counts
+        Assert.True((await third.WaitAsync(TimeSpan.FromSeconds(20), TestContext.Current.CancellationToken)).Ok);
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(10), $"version 3 took {clock.Elapsed.TotalSeconds:0.0} s after the kill");
+        UpdateOutcome outcome = agent.Outcome("llama", 3)!;
+        Assert.Equal(UpdateResult.Activated, outcome.Result);
+        Assert.Equal(1, outcome.Consumers);
+        Assert.Empty(outcome.Evicted); // it left; nobody had to end it
+        Assert.Single(agent.Core!.Versions.Consumers("llama"));
+
+        Assert.True(Publish(publisher, 4).Ok);
+        survivor.WaitForLine("switch 4 ", TimeSpan.FromSeconds(30));
+        Assert.Contains("torn=0", Stop(survivor));
+        Assert.Equal([1UL, 2, 3, 4], Switches(survivor));
+    }
+
+    [Fact]
+    public async Task A_stalled_consumer_loses_its_lease_at_the_deadline_and_reconnects_when_it_wakes()
+    {
+        await using TestAgent agent = TestAgent.Start(ackTimeout: TimeSpan.FromSeconds(1));
+        using PeerProcess healthy = agent.Consumer("llama", Model, ConsumerMode.Flip);
+        using PeerProcess stalled = agent.Consumer("llama", Model, ConsumerMode.Flip);
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+        Assert.True(Publish(publisher, 1).Ok);
+        stalled.WaitForLine("switch 1 ", TimeSpan.FromSeconds(30));
+        agent.WaitFor(() => agent.Core!.Versions.Consumers("llama").All(c => c.Serving != 0), TimeSpan.FromSeconds(10), "both acknowledgements of version 1");
+
+        Signal(stalled, "STOP");
+        Assert.True(Publish(publisher, 2).Ok);
+        Assert.True(Publish(publisher, 3).Ok); // waits for the stalled one's acknowledgement until the deadline, then ends it
+        UpdateOutcome third = agent.Outcome("llama", 3)!;
+        Assert.Equal(UpdateResult.Activated, third.Result);
+        Assert.Single(third.Evicted);
+        Assert.InRange(third.AckWait, TimeSpan.FromSeconds(0.9), TimeSpan.FromSeconds(10));
+        Assert.Contains(agent.Log.Lines, l => l.Contains("no acknowledgement", StringComparison.Ordinal));
+
+        Signal(stalled, "CONT"); // it finds its session ended, keeps serving what it has, reconnects and catches up
+        Assert.True(Publish(publisher, 4).Ok);
+        stalled.WaitForLine("switch 4 ", TimeSpan.FromSeconds(30));
+        healthy.WaitForLine("switch 4 ", TimeSpan.FromSeconds(30));
+        string summary = Stop(stalled);
+        Assert.Contains("torn=0", summary);
+        Assert.Contains("sessions=2", summary);
+        Assert.Contains("torn=0", Stop(healthy));
+    }
+
+    [Fact]
+    public async Task Bad_requests_and_out_of_role_requests_are_refused_with_the_reason_and_change_nothing()
+    {
+        await using TestAgent agent = TestAgent.Start();
+        using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+        using var bare = ChannelClient.Connect(agent.SocketPath, Role.Publisher, "llama"); // these two register nothing
+        using var bareConsumer = ChannelClient.Connect(agent.SocketPath, Role.Consumer, "llama");
+        Assert.True(Publish(publisher, 5).Ok);
+        StepUntil(agent, flip, 5);
+        VersionTable table = agent.Core!.Table;
+        ulong state = table.ReadState(0);
+        int updates = agent.Core.Versions.History("llama").Count;
+
+        void Refused(ChannelClient client, Request request, int status, string reason)
+        {
+            Response response = client.Call(request, TimeSpan.FromSeconds(10));
+            Assert.Equal(status, response.Status);
+            Assert.Contains(reason, ChannelClient.Detail(response));
+        }
+
+        ChannelClient p = publisher.Channel;
+        Refused(p, p.NewRequest(RequestKind.Publish, 5), Status.Stale, "version 5 is not newer than 5");
+        Refused(p, p.NewRequest(RequestKind.Publish, 4), Status.Stale, "not newer");
+        Refused(p, p.NewRequest(RequestKind.Publish, 0), Status.Invalid, "version 0 is not in [1, 2^56)");
+        Refused(p, p.NewRequest(RequestKind.Publish, 6) with { WeightSet = 3 }, Status.Invalid, "weight_set 3 is not this session's row 0 ('llama')");
+        Refused(p, p.NewRequest(RequestKind.Publish, 6) with { Magic = 0x12345678 }, Status.Invalid, "request magic 0x12345678");
+        Refused(p, p.NewRequest(RequestKind.Publish, 6) with { Kind = 99 }, Status.Invalid, "request kind 99 is unknown");
+        Refused(p, p.NewRequest(RequestKind.Publish, 6) with { PayloadBytes = 500 }, Status.Invalid, "exceeds 96");
+        Refused(p, p.NewRequest(RequestKind.Rollback), Status.NotPermitted, "a publisher may not send rollback");
+        Refused(p, p.NewRequest(RequestKind.Ack, state), Status.NotPermitted, "a publisher may not send ack");
+        Refused(bare, bare.NewRequest(RequestKind.Publish, 6), Status.Invalid, "registered no tensors");
+
+        ChannelClient c = ConsumerChannel(flip);
+        Refused(c, c.NewRequest(RequestKind.Publish, 6), Status.NotPermitted, "a consumer may not send publish");
+        Refused(c, c.NewRequest(RequestKind.CopyIn), Status.Invalid, "copy-in is for consumers registered in copy-in mode");
+        Refused(c, c.NewRequest(RequestKind.Ack, VersionEntry.PackState(5, 1)), Status.Invalid, "version 5 (slot 1), which was never active");
+        Refused(c, c.NewRequest(RequestKind.Ack, VersionEntry.PackState(9, 0)), Status.Invalid, "never active");
+        Refused(bareConsumer, bareConsumer.NewRequest(RequestKind.Ack, state), Status.Invalid, "consumers registered in flip mode");
+
+        Assert.Equal(state, table.ReadState(0));
+        Assert.Equal(updates, agent.Core.Versions.History("llama").Count);
+        Assert.Equal(state, agent.Core.Versions.Consumers("llama").Single().Serving);
+        Assert.False(flip.Step());
+        AssertHolds(flip, 5);
+        Assert.True(Publish(publisher, 6).Ok); // the sessions still work
+        StepUntil(agent, flip, 6);
+    }
+
+    private static ChannelClient ConsumerChannel(ConsumerClient consumer) =>
+        (ChannelClient)typeof(ConsumerClient).GetField("_channel", System.Reflection.BindingFlags.NonPublic | System.Reflection.BindingFlags.Instance)!.GetValue(consumer)!;
+
+    [Fact]
+    public async Task Registrations_that_break_a_rule_are_refused_naming_it_and_leave_nothing_behind()
+    {
+        await using TestAgent agent = TestAgent.Start();
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+        Assert.True(Publish(publisher, 1).Ok);
+        ulong state = agent.Core!.Table.ReadState(0);
+
+        string Refusal(RegionLayout layout, string? mode, params WeightRegion[] regions) =>
+            Assert.Throws<ChannelRefusedException>(() => ChannelClient.Connect(agent.SocketPath, Role.Consumer, "llama", null,
+                new RegistrationRequest(layout, regions, mode))).Message;
+
+        var shapes = Model.Tensors().ToList();
+        shapes[3] = (shapes[3].Name, shapes[3].Dtype, [shapes[3].Shape[0] + 1, .. shapes[3].Shape[1..]]);
+        RegionLayout reshaped = RegionLayout.Packed(shapes);
+        using (WeightRegion a = WeightRegion.Create("slot0", reshaped), b = WeightRegion.Create("slot1", reshaped))
+            Assert.Contains($"do not match weight set 'llama': tensor '{shapes[3].Name}' has shape", Refusal(reshaped, "flip", a, b));
+
+        RegionLayout fewer = RegionLayout.Packed(Model.Tensors().Skip(1));
+        using (WeightRegion a = WeightRegion.Create("slot0", fewer), b = WeightRegion.Create("slot1", fewer))
+            Assert.Contains($"tensor '{Model.Tensors()[0].Name}' is missing", Refusal(fewer, "flip", a, b));
+
+        using (WeightRegion only = WeightRegion.Create("slot0", Layout))
+            Assert.Contains("a flip consumer registers two regions (slots A and B), not 1", Refusal(Layout, "flip", only));
+        using (WeightRegion only = WeightRegion.Create("slot0", Layout))
+            Assert.Contains("mode 'swap' is not flip or copy-in", Refusal(Layout, "swap", only));
+
+        RegionLayout small = RegionLayout.Packed([("w", "F32", [16])]);
+        RegionLayout beyond = RegionLayout.Create([("w", "F32", [16], 1 << 20)]); // reaches past the region's page
+        using (WeightRegion tiny = WeightRegion.Create("tensors", small))
+        {
+            var e = Assert.Throws<ChannelRefusedException>(() => ChannelClient.Connect(agent.SocketPath, Role.Publisher, "other", null, new RegistrationRequest(beyond, [tiny])));
+            Assert.Contains("region 'tensors' holds 4096 bytes, but its tensors reach byte 1048640", e.Message);
+        }
+
+        // A region that could be cut short under the agent (not sealed) is refused; so is a second publisher.
+        using (SharedRegion unsealed = SharedRegion.CreateAnonymous("unsealed", 4096))
+        using (var socket = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified))
+        {
+            socket.Connect(new System.Net.Sockets.UnixDomainSocketEndPoint(agent.SocketPath));
+            string hello = "{\"role\":\"publisher\",\"weight_set\":\"other\",\"tensors\":[{\"name\":\"w\",\"dtype\":\"F32\",\"shape\":[16],\"offset\":0}],\"regions\":[\"tensors\"]}\n";
+            FdPassing.Send(socket, System.Text.Encoding.UTF8.GetBytes(hello), [unsealed.Descriptor]);
+            byte[] reply = new byte[4096];
+            int n = socket.Receive(reply);
+            Assert.Contains("not a memfd sealed against shrinking", System.Text.Encoding.UTF8.GetString(reply, 0, n));
+        }
+        Assert.Contains("already has a publisher", Assert.Throws<ChannelRefusedException>(() => PublisherClient.Connect(agent.SocketPath, "llama", Layout)).Message);
+        Assert.Contains("tensor 'w' appears twice", Assert.Throws<LayoutException>(() => RegionLayout.Create([("w", "F32", [1], 0), ("w", "F32", [1], 64)])).Message);
+
+        Assert.Equal(state, agent.Core.Table.ReadState(0));
+        Assert.Empty(agent.Core.Versions.Consumers("llama"));
+        Assert.True(Publish(publisher, 2).Ok); // the registered publisher is undisturbed
+    }
+
+    [Fact]
+    public async Task An_agent_killed_in_the_middle_of_updates_restarts_and_every_consumer_stays_on_a_good_version()
+    {
+        var model = new SyntheticModel(4, 256, 688, 8192, 4, 2); // about 14 MB: an update takes tens of milliseconds here
+        int seed = TestData.NewSeed();
+        var random = new Random(seed);
+        await using TestAgent folder = TestAgent.ForProcess();
+        PeerProcess agent = folder.StartProcess(UpdatePolicy.Queue, TimeSpan.FromSeconds(30));
+        var agents = new List<PeerProcess> { agent };
+        try
+        {
+            using PeerProcess flip = folder.Consumer("llama", model, ConsumerMode.Flip);
+            using PeerProcess copyIn = folder.Consumer("llama", model, ConsumerMode.CopyIn);
+            using PeerProcess publisher = folder.Publisher("llama", model, 1, 8, wait: false, paceMilliseconds: -1);
+            void PublishNext(ulong version)
+            {
+                publisher.Process.StandardInput.WriteLine();
+                publisher.WaitForLine($"published {version} ", TimeSpan.FromSeconds(60));
+            }
+
+            PublishNext(1);
+            flip.WaitForLine("switch 1 ", TimeSpan.FromSeconds(30));
+            copyIn.WaitForLine("switch 1 ", TimeSpan.FromSeconds(30));
+            for (ulong version = 2; version <= 6; version++)
+            {
+                PublishNext(version); // the snapshot is taken: staging, verification and activation follow
+                Thread.Sleep(random.Next(0, 700)); // from the snapshot to well after activation (an update takes a few hundred ms here)
+                agent.Process.Kill(); // SIGKILL, somewhere in the update
+                agent.Process.WaitForExit();
+                agent = folder.StartProcess(UpdatePolicy.Queue, TimeSpan.FromSeconds(30));
+                agents.Add(agent);
+            }
+            PublishNext(7);
+            PublishNext(8);
+            flip.WaitForLine("switch 8 ", TimeSpan.FromSeconds(60));
+            copyIn.WaitForLine("switch 8 ", TimeSpan.FromSeconds(60));
+
+            string flipSummary = Stop(flip), copySummary = Stop(copyIn);
+            Assert.True(flipSummary.Contains("torn=0") && copySummary.Contains("torn=0"), $"seed {seed}: {flipSummary} | {copySummary}");
+            Assert.DoesNotContain("torn ", flip.Output + copyIn.Output);
+            Assert.Matches("sessions=[2-9]", flipSummary); // it reconnected to the restarted agents
+            List<ulong> flipped = Switches(flip);
+            Assert.Equal(flipped.Order(), flipped); // never back to an older version
+            Assert.Equal(8UL, flipped[^1]);
+            Assert.Contains(agents.Skip(1).SelectMany(a => a.Output.Split('\n')), l => l.Contains("recovered active version", StringComparison.Ordinal));
+        }
+        finally
+        {
+            foreach (PeerProcess a in agents)
+                a.Dispose();
+        }
     }
 
     [GeneratedRegex(@"^switch (\d+) ", RegexOptions.Multiline)]

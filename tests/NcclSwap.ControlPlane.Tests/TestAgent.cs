@@ -38,8 +38,12 @@ internal sealed class TestAgent : IAsyncDisposable
     {
         var roles = new RolePolicy();
         roles.Users[MyUid()] = Role.Publisher | Role.Consumer | Role.Operator;
-        return new AgentOptions(Path.Combine(folder, "agent.sock"), Path.Combine(folder, "state"), Path.Combine(folder, "staging"), 8, roles, policy, ackTimeout);
+        return new AgentOptions(Path.Combine(folder, "agent.sock"), Path.Combine(folder, "state"), StagingFor(folder), 8, roles, policy, ackTimeout);
     }
+
+    /// <summary>Staging on a tmpfs, as in production (/dev/shm where there is one), named after the test's folder.</summary>
+    private static string StagingFor(string folder) =>
+        Directory.Exists("/dev/shm") ? Path.Combine("/dev/shm", Path.GetFileName(folder) + "-staging") : Path.Combine(folder, "staging");
 
     /// <summary>An agent in this process.</summary>
     public static TestAgent Start(UpdatePolicy policy = UpdatePolicy.Queue, TimeSpan? ackTimeout = null)
@@ -121,6 +125,8 @@ internal sealed class TestAgent : IAsyncDisposable
             await Core.DisposeAsync();
         Backend?.Dispose();
         Directory.Delete(Folder, recursive: true);
+        if (Directory.Exists(StagingFor(Folder)))
+            Directory.Delete(StagingFor(Folder), recursive: true);
     }
 
     /// <summary>The agent process's log, on its stdout.</summary>

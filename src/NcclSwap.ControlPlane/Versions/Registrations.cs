@@ -151,31 +151,63 @@ internal sealed class PublisherRegistration(SessionInfo session, RegionLayout la
 internal sealed class ConsumerRegistration(SessionInfo session, RegionLayout layout, ConsumerMode mode, ClientRegion[] regions, ulong serving)
     : Registration(session, layout, regions)
 {
+    private readonly Lock _states = new();
+    private readonly List<ulong> _since = []; // states activated after the one it last acknowledged: it may have switched to any
     private ulong _serving = serving;
     private long _acknowledgements;
 
     public ConsumerMode Mode { get; } = mode;
 
-    /// <summary>The state word the consumer says it serves (its hello, then its acknowledgements and copy-ins).</summary>
+    /// <summary>The state word the consumer last said it serves (its hello, then its acknowledgements and copy-ins).</summary>
     public ulong Serving
     {
-        get => Volatile.Read(ref _serving);
-        set => Volatile.Write(ref _serving, value);
+        get
+        {
+            lock (_states)
+                return _serving;
+        }
     }
 
     public long Acknowledgements => Interlocked.Read(ref _acknowledgements);
 
+    /// <summary>A new state was activated (recorded before the table shows it): the consumer may switch to it at any step from now.</summary>
+    public void Activated(ulong state)
+    {
+        lock (_states)
+            _since.Add(state);
+    }
+
+    /// <summary>The consumer serves <paramref name="state"/> now: states activated up to it no longer matter.</summary>
     public void Acknowledge(ulong state)
     {
-        Serving = state;
+        lock (_states)
+        {
+            _serving = state;
+            int at = _since.LastIndexOf(state);
+            _since.RemoveRange(0, at + 1);
+        }
         Interlocked.Increment(ref _acknowledgements);
     }
 
     /// <summary>The buffers that hold slot <paramref name="slot"/> (copy-in consumers have one, whatever the slot).</summary>
     public ClientRegion Slot(int slot) => Mode == ConsumerMode.Flip ? Regions[slot] : Regions[0];
 
-    /// <summary>Whether the consumer may be reading slot <paramref name="slot"/> now.</summary>
-    public bool Reads(int slot) => Serving != 0 && VersionEntry.UnpackState(Serving).Slot == slot;
+    /// <summary>
+    /// Whether the consumer may be reading slot <paramref name="slot"/> now: the slot of the state it acknowledged,
+    /// or of any state activated since (it may have switched without the acknowledgement having arrived yet).
+    /// </summary>
+    public bool MayRead(int slot)
+    {
+        lock (_states)
+        {
+            if (_serving != 0 && VersionEntry.UnpackState(_serving).Slot == slot)
+                return true;
+            foreach (ulong state in _since)
+                if (VersionEntry.UnpackState(state).Slot == slot)
+                    return true;
+            return false;
+        }
+    }
 }
 
 /// <summary>What a client's hello registers, read and checked; errors name the field, the tensor or the region.</summary>

@@ -172,11 +172,11 @@ internal sealed class WeightSetLifecycle : IDisposable
             (ulong version, int slot) = VersionEntry.UnpackState(state);
             if (state == 0)
             {
-                if (consumer.Reads(0))
+                if (consumer.MayRead(0))
                     throw new SessionRefusedException($"it serves {Describe(serving)}, which this agent does not know, from slot 0, where the first version will go: register serving nothing (0), or from slot 1");
                 return state;
             }
-            if (consumer.Reads(slot))
+            if (consumer.MayRead(slot))
                 throw new SessionRefusedException($"it serves {Describe(serving)} from slot {slot}, where active version {version} must go: register serving nothing (0) while it does not read its slots, or after switching to the other slot");
             if (active is null)
                 throw new SessionRefusedException($"the bytes of active version {version} of '{Name}' were lost when the agent restarted, so they cannot be given to a new consumer; the next version published can");
@@ -184,6 +184,7 @@ internal sealed class WeightSetLifecycle : IDisposable
             if (Deliver(active, consumer, slot, null) is { } failure)
                 throw new SessionRefusedException($"filling its slot {slot} with version {version} failed: {failure}");
             Log.LogInformation("{Set}: filled slot {Slot} of {Who} with version {Version} in {Ms:0.0} ms", Name, slot, consumer, version, clock.Elapsed.TotalMilliseconds);
+            consumer.Activated(state); // from its first step it may switch to the active version
             return state;
         }
         finally
@@ -593,7 +594,7 @@ internal sealed class WeightSetLifecycle : IDisposable
         TimeSpan timeout = _manager.Options.AckTimeout;
         while (true)
         {
-            var readers = consumers.Where(c => !c.IsGone && c.Reads(slot)).ToList();
+            var readers = consumers.Where(c => !c.IsGone && c.MayRead(slot)).ToList();
             if (readers.Count == 0)
                 break;
             TimeSpan left = timeout - clock.Elapsed;
@@ -601,7 +602,7 @@ internal sealed class WeightSetLifecycle : IDisposable
             {
                 foreach (ConsumerRegistration reader in readers)
                 {
-                    Evict(reader, $"it still served {Describe(reader.Serving)} from slot {slot} {timeout.TotalSeconds:0.###} s after {Describe(ActiveState)} was activated (no acknowledgement)");
+                    Evict(reader, $"no acknowledgement of {Describe(ActiveState)} within {timeout.TotalSeconds:0.###} s (it last acknowledged {Describe(reader.Serving)}), and the next version needs slot {slot}");
                     lock (outcome.Evicted)
                         outcome.Evicted.Add(reader.ToString());
                 }
@@ -640,6 +641,9 @@ internal sealed class WeightSetLifecycle : IDisposable
                 _persisted = previousPersisted;
                 throw;
             }
+            foreach (ConsumerRegistration consumer in _consumers)
+                if (consumer.Mode == ConsumerMode.Flip)
+                    consumer.Activated(state); // before the store: an acknowledgement can only follow it
             _manager.Table.Activate(Row, source.Version, slot, source.Manifest.Digest.Value, lastGoodVersion);
             _activeState = state;
             _active = source;
