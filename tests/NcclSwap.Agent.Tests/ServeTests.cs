@@ -29,12 +29,20 @@ public sealed class ServeTests : IDisposable
             ["Agent:TableCapacity"] = "0",
             ["Agent:Roles:Users:1000"] = "publisher,root",
             ["Agent:Roles:Groups:wheel"] = "operator",
+            ["Agent:StagingDirectory"] = "staging",
+            ["Agent:UpdatePolicy"] = "interleave",
+            ["Agent:AckTimeoutSeconds"] = "-1",
+            ["Agent:Backend"] = "opencl",
         }));
         Assert.Equal(
         [
             "Agent:SocketPath: 'agent.sock' must be an absolute path",
             "Agent:StateDirectory: 'state' must be an absolute path",
             "Agent:TableCapacity: '0' must be a whole number from 1 to 65536",
+            "Agent:StagingDirectory: 'staging' must be an absolute path (a tmpfs such as /run or /dev/shm)",
+            "Agent:UpdatePolicy: 'interleave' must be supersede or queue",
+            "Agent:AckTimeoutSeconds: '-1' must be a number of seconds above 0 and at most 3600",
+            "Agent:Backend: 'opencl' must be auto, cuda or host",
             "Agent:Roles:Users:1000: unknown role 'root' (publisher, consumer, operator)",
             "Agent:Roles:Groups:wheel: 'wheel' is not a numeric gid",
         ], e.Problems);
@@ -43,6 +51,11 @@ public sealed class ServeTests : IDisposable
         Assert.Equal(Role.Publisher | Role.Consumer, good.Roles.Users[1000]);
         Assert.Equal(Role.Operator, good.Roles.Groups[27]);
         Assert.Equal(64, good.TableCapacity);
+        Assert.Equal("/run/nccl-swap/staging", good.StagingDirectory);
+        Assert.Equal(NcclSwap.ControlPlane.Versions.UpdatePolicy.Supersede, good.Policy);
+        Assert.Equal(TimeSpan.FromSeconds(30), good.Options.AckTimeout);
+        AgentSettings queued = Load(new() { ["Agent:Roles:Users:0"] = "operator", ["Agent:UpdatePolicy"] = "queue", ["Agent:AckTimeoutSeconds"] = "2.5", ["Agent:Backend"] = "host" });
+        Assert.Equal((NcclSwap.ControlPlane.Versions.UpdatePolicy.Queue, TimeSpan.FromSeconds(2.5), "host"), (queued.Policy, queued.Options.AckTimeout, queued.Backend));
         Assert.Equal("/var/lib/nccl-swap/versions.table", good.TablePath);
         Assert.Contains("every client would be refused", Assert.Throws<AgentSettingsException>(() => Load(new())).Message);
     }
@@ -61,6 +74,7 @@ public sealed class ServeTests : IDisposable
             ["WATCHDOG_USEC"] = "200000",
             ["NCCL_SWAP_Agent__SocketPath"] = socketPath,
             ["NCCL_SWAP_Agent__StateDirectory"] = Path.Combine(_folder, "state"),
+            ["NCCL_SWAP_Agent__StagingDirectory"] = Path.Combine(_folder, "staging"),
             [$"NCCL_SWAP_Agent__Roles__Users__{MyUid()}"] = "publisher,consumer",
         }, "serve");
 
@@ -111,6 +125,7 @@ public sealed class ServeTests : IDisposable
         {
             ["NCCL_SWAP_Agent__SocketPath"] = socketPath,
             ["NCCL_SWAP_Agent__StateDirectory"] = state,
+            ["NCCL_SWAP_Agent__StagingDirectory"] = Path.Combine(_folder, "staging"),
             [$"NCCL_SWAP_Agent__Roles__Users__{MyUid()}"] = "consumer",
         };
         for (int life = 0; life < 2; life++)

@@ -32,6 +32,37 @@ public sealed class ChannelTests : IDisposable
     }
 
     [Fact]
+    public void A_restarted_agent_keeps_the_table_readers_map_and_a_new_table_never_truncates_an_old_one_under_them()
+    {
+        string path = PathOf("table");
+        using VersionTable first = VersionTable.Create(path, capacity: 4);
+        int row = first.Add("llama");
+        first.Activate(row, 7, 1, 70);
+        var descriptor = first.OpenReadOnlyDescriptor();
+        int fd = (int)descriptor.DangerousGetHandle();
+        descriptor.SetHandleAsInvalid(); // the reader owns it now
+        using VersionTable reader = VersionTable.FromDescriptor(fd);
+
+        using (VersionTable kept = VersionTable.OpenOrCreate(path, capacity: 4)) // the next life of the agent
+        {
+            Assert.Equal(row, kept.Find("llama"));
+            Assert.Equal(VersionEntry.PackState(7, 1), kept.ReadState(row));
+            kept.Activate(row, 8, 0, 80);
+            Assert.Equal(VersionEntry.PackState(8, 0), reader.ReadState(row)); // the reader sees the new life's activations
+        }
+
+        using (VersionTable resized = VersionTable.OpenOrCreate(path, capacity: 16)) // another capacity: a new file
+        {
+            Assert.Equal(16, resized.Capacity);
+            Assert.Equal(-1, resized.Find("llama"));
+            Assert.Equal(VersionEntry.PackState(8, 0), reader.ReadState(row)); // the old one stays whole for whoever maps it
+        }
+        File.WriteAllBytes(path, TestData.Random(4096, seed: 2));
+        using (VersionTable replaced = VersionTable.OpenOrCreate(path, capacity: 4)) // damaged: a new file
+            Assert.Equal(0UL, replaced.ReadState(0));
+    }
+
+    [Fact]
     public void Table_rows_are_named_unique_and_bounded()
     {
         using VersionTable table = VersionTable.Create(PathOf("table"), capacity: 2);

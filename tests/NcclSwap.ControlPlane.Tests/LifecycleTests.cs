@@ -454,6 +454,93 @@ public sealed partial class LifecycleTests
         }
     }
 
+    [Fact]
+    public async Task Under_supersede_a_version_published_while_another_waits_replaces_it_and_versions_never_interleave()
+    {
+        await using TestAgent agent = TestAgent.Start(UpdatePolicy.Supersede, ackTimeout: TimeSpan.FromSeconds(60));
+        using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+        var order = new List<(ulong Version, UpdateResult Result)>();
+        agent.Core!.Versions.Updated += o => { lock (order) order.Add((o.Version, o.Result)); };
+        // The consumer does not step yet: versions 1 and 2 fill both its slots, so version 3's update waits for it,
+        // and what is published meanwhile queues behind (4), to be replaced by a newer one (5, then 6).
+        for (ulong version = 1; version <= 6; version++)
+        {
+            SyntheticModel.Fill(version, publisher.Tensors.Layout, publisher.Tensors.Pointer);
+            Assert.True(publisher.Publish(version).Ok); // returns at the snapshot; the update runs behind
+            if (version == 3)
+                agent.WaitFor(() => agent.Outcome("llama", 3) is { Result: UpdateResult.Staging }, TimeSpan.FromSeconds(30), "version 3's update starting");
+        }
+        agent.WaitFor(() => { flip.Step(); return agent.Outcome("llama", 6) is { IsFinal: true }; }, TimeSpan.FromSeconds(60), "the end of version 6's update");
+        StepUntil(agent, flip, 6);
+        AssertHolds(flip, 6);
+
+        lock (order)
+        {
+            Assert.Equal(UpdateResult.Activated, order.Single(o => o.Version == 1).Result);
+            Assert.Equal(UpdateResult.Activated, order.Single(o => o.Version == 6).Result);
+            Assert.Equal([(4UL, UpdateResult.Superseded), (5UL, UpdateResult.Superseded)], order.Where(o => o.Result == UpdateResult.Superseded));
+            Assert.Equal([1UL, 2, 3, 6], order.Where(o => o.Result == UpdateResult.Activated).Select(o => o.Version));
+            var activated = order.Where(o => o.Result == UpdateResult.Activated).Select(o => o.Version).ToList();
+            Assert.Equal(activated.Order(), activated); // one update at a time, in order
+        }
+        UpdateOutcome superseded = agent.Core.Versions.History("llama").First(o => o.Result == UpdateResult.Superseded);
+        Assert.Equal("superseded by version 5", superseded.Detail);
+        Assert.Equal(Status.Canceled, superseded.Status);
+        Assert.Equal(TimeSpan.Zero, superseded.Stage); // never staged to a consumer
+    }
+
+    [Fact]
+    public async Task Stopping_the_agent_mid_update_activates_nothing_and_the_next_start_recovers_the_last_good_state()
+    {
+        var model = new SyntheticModel(4, 256, 688, 8192, 4, 2);
+        TestAgent agent = TestAgent.Start(ackTimeout: TimeSpan.FromSeconds(60));
+        try
+        {
+            using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", model.Layout());
+            using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", model.Layout(), ConsumerMode.Flip);
+            SyntheticModel.Fill(1, publisher.Tensors.Layout, publisher.Tensors.Pointer);
+            Assert.True(publisher.Publish(1, wait: true).Ok);
+            StepUntil(agent, flip, 1);
+            SyntheticModel.Fill(2, publisher.Tensors.Layout, publisher.Tensors.Pointer);
+            Assert.True(publisher.Publish(2, wait: true).Ok);
+            // The consumer does not step: version 3 must wait for it to leave slot 0, so the update is surely in flight.
+            SyntheticModel.Fill(3, publisher.Tensors.Layout, publisher.Tensors.Pointer);
+            Assert.True(publisher.Publish(3).Ok);
+            agent.WaitFor(() => agent.Outcome("llama", 3) is { Result: UpdateResult.Staging }, TimeSpan.FromSeconds(30), "version 3's update starting");
+            ulong before = agent.Core!.Table.ReadState(0);
+
+            VersionManager stopped = agent.Core.Versions;
+            await agent.StopAsync();
+            UpdateOutcome abandoned = stopped.History("llama").Last();
+            Assert.Equal(3UL, abandoned.Version);
+            Assert.Equal(UpdateResult.Abandoned, abandoned.Result);
+            Assert.Equal(0UL, abandoned.State);
+            Assert.Equal(VersionEntry.PackState(2, 1), before);
+            Assert.Contains(agent.Log.Lines, l => l.Contains("nccl-swap agent stopped", StringComparison.Ordinal));
+            AssertHolds(flip, 1); // it never stepped: still version 1, intact
+            Assert.False(flip.Step()); // the table shows version 2, but without a live session the consumer stays put
+
+            agent.Restart();
+            Assert.Equal(VersionEntry.PackState(2, 1), agent.Core!.Table.ReadState(0));
+            Assert.Contains(agent.Log.Lines, l => l.Contains("recovered active version 2", StringComparison.Ordinal));
+            Assert.Contains(agent.Log.Lines, l => l.Contains("recovered last good version 1", StringComparison.Ordinal));
+            StepUntil(agent, flip, 2); // it reconnects by itself, and steps on to the active version
+            AssertHolds(flip, 2);
+            publisher.Reconnect();
+            Assert.Equal(Status.Stale, publisher.Publish(2).Status);
+            // The highest version published is saved with each activation: version 3 was abandoned, so it may come again.
+            SyntheticModel.Fill(3, publisher.Tensors.Layout, publisher.Tensors.Pointer);
+            Assert.True(publisher.Publish(3, wait: true).Ok);
+            StepUntil(agent, flip, 3);
+            AssertHolds(flip, 3);
+        }
+        finally
+        {
+            await agent.DisposeAsync();
+        }
+    }
+
     [GeneratedRegex(@"^switch (\d+) ", RegexOptions.Multiline)]
     private static partial Regex SwitchPattern();
 }

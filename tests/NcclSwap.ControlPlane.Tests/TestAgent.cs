@@ -15,12 +15,15 @@ internal sealed class TestAgent : IAsyncDisposable
 {
     public const string AgentPeer = "agent";
 
-    private TestAgent(string folder, AgentCore? core, FlakyBackend? backend, TestLog log)
+    private readonly AgentOptions? _options;
+
+    private TestAgent(string folder, AgentCore? core, FlakyBackend? backend, TestLog log, AgentOptions? options = null)
     {
         Folder = folder;
         Core = core;
         Backend = backend;
         Log = log;
+        _options = options;
     }
 
     public string Folder { get; }
@@ -51,8 +54,24 @@ internal sealed class TestAgent : IAsyncDisposable
         string folder = Directory.CreateTempSubdirectory("nccl-swap-agent-").FullName;
         var log = new TestLog();
         var backend = new FlakyBackend(new HostBackend());
-        AgentCore core = AgentCore.Start(Options(folder, policy, ackTimeout ?? TimeSpan.FromSeconds(30)), backend, log);
-        return new TestAgent(folder, core, backend, log);
+        AgentOptions options = Options(folder, policy, ackTimeout ?? TimeSpan.FromSeconds(30));
+        return new TestAgent(folder, AgentCore.Start(options, backend, log), backend, log, options);
+    }
+
+    /// <summary>Stops the in-process agent cleanly (as on SIGTERM).</summary>
+    public async Task StopAsync()
+    {
+        if (Core is not null)
+            await Core.DisposeAsync();
+        Core = null;
+    }
+
+    /// <summary>Starts the in-process agent again on the same folder, state and staging.</summary>
+    public void Restart()
+    {
+        if (Core is not null)
+            throw new InvalidOperationException("stop the agent first");
+        Core = AgentCore.Start(_options!, Backend!, Log);
     }
 
     /// <summary>A folder for an agent that runs as its own process (<see cref="StartProcess"/>).</summary>

@@ -47,6 +47,67 @@ internal static class BackendConformance
         }
     }
 
+    /// <summary>
+    /// Host memory mapped into the backend (as a client's shared memory is): copies between it and device memory
+    /// in both directions and host to host, every byte checked; the backend's digests of mapped and device ranges
+    /// equal the CPU's; a <see cref="FlakyBackend"/> over it flips exactly one bit of the copy it is told to spoil.
+    /// </summary>
+    public static unsafe void MapsHostMemoryCopiesAndDigestsIt(IBackend backend, int size, int seed)
+    {
+        byte[] data = TestData.Random(size, seed);
+        nint source = (nint)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)size, 4096);
+        nint target = (nint)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)size, 4096);
+        try
+        {
+            data.CopyTo(new Span<byte>((void*)source, size));
+            new Span<byte>((void*)target, size).Fill(0x5A);
+            using IDeviceBuffer from = backend.MapHost(source, size, readOnly: true, "client tensors");
+            using IDeviceBuffer to = backend.MapHost(target, size, readOnly: false, "client slot1");
+            using IDeviceBuffer device = backend.Allocate(size);
+            Assert.Contains("client slot1", to.ToString());
+            using (ICopyStream stream = backend.CreateStream())
+            {
+                stream.CopyAsync(device, 0, from, 0, size);
+                stream.CopyAsync(to, 0, device, 0, size / 2);                // device → mapped host
+                stream.CopyAsync(to, size / 2, from, size / 2, size - size / 2); // mapped host → mapped host
+                stream.Synchronize();
+            }
+            Assert.True(data.AsSpan().SequenceEqual(new ReadOnlySpan<byte>((void*)target, size)), $"seed {seed}");
+
+            (long, long)[] ranges = [(0, size), (1, size - 1), (4096, Math.Min(size - 4096, 70_001)), (size - 3, 3), (17, 0)];
+            Digest[] expected = ranges.Select(r => BlockDigest.Compute(data.AsSpan((int)r.Item1, (int)r.Item2))).ToArray();
+            Assert.Equal(expected, backend.Digests(from, ranges));
+            Assert.Equal(expected, backend.Digests(device, ranges));
+            Assert.Equal(expected, backend.Digests(to, ranges));
+
+            var flaky = new FlakyBackend(backend);
+            flaky.CorruptCopiesInto("slot1");
+            using (ICopyStream stream = flaky.CreateStream())
+            {
+                stream.CopyAsync(device, 0, from, 0, size); // not the target: untouched
+                stream.CopyAsync(to, 0, device, 0, size);   // spoiled: one bit in the middle
+                stream.Synchronize();
+            }
+            byte[] spoiled = new ReadOnlySpan<byte>((void*)target, size).ToArray();
+            int[] differing = Enumerable.Range(0, size).Where(i => spoiled[i] != data[i]).ToArray();
+            Assert.Equal([size / 2], differing);
+            Assert.Equal(0x10, spoiled[size / 2] ^ data[size / 2]);
+            Assert.Equal(1, flaky.Corrupted);
+            Assert.NotEqual(expected[0], flaky.Digests(to, [(0, size)])[0]);
+            using (ICopyStream stream = flaky.CreateStream()) // the rule is used up: the next copy is clean
+            {
+                stream.CopyAsync(to, 0, from, 0, size);
+                stream.Synchronize();
+            }
+            Assert.True(data.AsSpan().SequenceEqual(new ReadOnlySpan<byte>((void*)target, size)));
+        }
+        finally
+        {
+            System.Runtime.InteropServices.NativeMemory.AlignedFree((void*)source);
+            System.Runtime.InteropServices.NativeMemory.AlignedFree((void*)target);
+        }
+    }
+
     /// <summary>Bad ranges are refused and leave the buffer's bytes as they were.</summary>
     public static void RefusesOutOfRangeCopiesAndChangesNothing(IBackend backend)
     {

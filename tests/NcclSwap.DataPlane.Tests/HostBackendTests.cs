@@ -28,6 +28,13 @@ public class HostBackendTests
     }
 
     [Fact]
+    public void Host_memory_mapped_in_is_copied_and_digested_like_device_memory_and_a_flaky_backend_spoils_one_bit()
+    {
+        using var backend = new HostBackend();
+        BackendConformance.MapsHostMemoryCopiesAndDigestsIt(backend, 3 * 1_048_576 + 4099, TestData.NewSeed());
+    }
+
+    [Fact]
     public void Out_of_range_copies_are_refused_and_change_nothing()
     {
         using var backend = new HostBackend();

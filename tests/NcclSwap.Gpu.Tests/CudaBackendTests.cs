@@ -16,6 +16,14 @@ public class CudaBackendTests
     }
 
     [Fact]
+    public void Host_memory_mapped_in_is_copied_and_digested_on_the_gpu_and_a_flaky_backend_spoils_one_bit()
+    {
+        Gpu.RequireContext().Dispose();
+        using var backend = new CudaBackend(0);
+        BackendConformance.MapsHostMemoryCopiesAndDigestsIt(backend, 9 * 1_048_576 + 4099, TestData.NewSeed());
+    }
+
+    [Fact]
     public void Out_of_range_copies_are_refused_and_change_nothing()
     {
         Gpu.RequireContext().Dispose();
