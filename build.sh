@@ -30,8 +30,8 @@ case "${1:-}" in
     log=$(mktemp)
     status=0
     dotnet test nccl-swap.sln -c Release --logger "console;verbosity=normal" --blame-hang-timeout 10m 2>&1 | tee "$log" || status=$?
-    echo "== Python client (src/python, unittest)"
-    (cd src/python && python3 -m unittest discover -s tests -t . -v) 2>&1 | tee -a "$log" || status=$?
+    echo "== Python client (src/python, unittest; against the agent just built)"
+    (cd src/python && NCCL_SWAP_AGENT="$PWD/../NcclSwap.Agent/bin/Release/net10.0/linux-x64/nccl-swap" python3 -m unittest discover -s tests -t . -v) 2>&1 | tee -a "$log" || status=$?
     summarize "$log"
     rm -f "$log"
     exit $status

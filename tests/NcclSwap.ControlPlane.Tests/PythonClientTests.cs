@@ -82,6 +82,39 @@ public sealed class PythonClientTests : IDisposable
         Assert.Contains($"done {count}", output);
     }
 
+    [Fact]
+    public async Task A_python_publishers_versions_reach_a_csharp_consumer_byte_for_byte()
+    {
+        RequirePython();
+        string python = Path.GetFullPath(Path.Combine(Path.GetDirectoryName(NativeLayout.HeaderPath)!, "..", "..", "src", "python"));
+        await using TestAgent agent = TestAgent.Start();
+        const string script = """
+            import sys
+            from nccl_swap import Publisher
+            from tests import synthetic
+            with Publisher("llama", synthetic.layout(), sys.argv[1]) as publisher:
+                for version in (1, 2, 3):
+                    synthetic.fill(publisher.region, version)
+                    print(version, publisher.publish(version, wait=True).check().version, flush=True)
+            """;
+        var start = new ProcessStartInfo("python3", ["-c", script, agent.SocketPath]) { RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = python };
+        start.Environment["PYTHONPATH"] = python;
+
+        // The C# consumer registers the same tensors, as the C# side lays them out (the agent matches them by name).
+        WeightSets.RegionLayout layout = WeightSets.SyntheticModel.Tiny.Layout();
+        using var consumer = ConsumerClient.Connect(agent.SocketPath, "llama", layout, Versions.ConsumerMode.Flip);
+        using Process publisher = Process.Start(start)!;
+        Task<string> output = publisher.StandardOutput.ReadToEndAsync(TestContext.Current.CancellationToken);
+        Task<string> errors = publisher.StandardError.ReadToEndAsync(TestContext.Current.CancellationToken);
+        agent.WaitFor(() => { consumer.Step(); return consumer.Version == 3; }, TimeSpan.FromSeconds(30), "the consumer serving version 3");
+        await publisher.WaitForExitAsync(TestContext.Current.CancellationToken);
+        Assert.True(publisher.ExitCode == 0, $"python: {await output} {await errors}");
+        Assert.Equal(["1 257", "2 515", "3 769"], (await output).Trim().Split('\n')); // version << 8 | slot << 1 | 1
+        Assert.Empty(agent.Outcome("llama", 3)!.Evicted);
+        foreach (WeightSets.TensorPlacement tensor in layout.Tensors)
+            Assert.Equal(Shake128.HashData(System.Text.Encoding.UTF8.GetBytes($"3/{tensor.Name}"), (int)tensor.Bytes), consumer.Weights.Tensor(tensor.Name).ToArray());
+    }
+
     private static void RequirePython()
     {
         try
