@@ -1,4 +1,5 @@
 using System.CommandLine;
+using NcclSwap.Agent.Demo;
 using NcclSwap.Agent.Doctor;
 using NcclSwap.Agent.Inspect;
 using NcclSwap.Agent.Serve;
@@ -16,6 +17,8 @@ public static class Program
         root.Subcommands.Add(DoctorCommand.CreateIpcPeer(output));
         root.Subcommands.Add(InspectCommand.Create(output, error));
         root.Subcommands.Add(ServeCommand.Create(error));
+        root.Subcommands.Add(DemoCommand.Create(output, error));
+        root.Subcommands.Add(DemoPeers.Create(output));
         return root;
     }
 }

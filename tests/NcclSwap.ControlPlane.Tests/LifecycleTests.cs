@@ -70,6 +70,19 @@ public sealed partial class LifecycleTests
 
     private static RegionLayout Layout => Model.Layout();
 
+    private static bool IsSubsequence(List<ulong> part, ulong[] whole)
+    {
+        int at = 0;
+        foreach (ulong item in part)
+        {
+            while (at < whole.Length && whole[at] != item)
+                at++;
+            if (at++ == whole.Length)
+                return false;
+        }
+        return true;
+    }
+
     /// <summary>Steps <paramref name="consumer"/> until it serves <paramref name="version"/>, as an engine would between steps.</summary>
     private static void StepUntil(TestAgent agent, ConsumerClient consumer, ulong version) =>
         agent.WaitFor(() => { consumer.Step(); return consumer.Version == version; }, TimeSpan.FromSeconds(30), $"a {consumer.Mode} consumer serving version {version} (it serves {consumer.Version}, {consumer.LastError})");
@@ -134,7 +147,10 @@ public sealed partial class LifecycleTests
         reader.WaitForLine("switch 3 ", TimeSpan.FromSeconds(30));
         string summary = Stop(reader);
         Assert.Contains("torn=0", summary);
-        Assert.Equal([1UL, 2, 1, 3], Switches(reader));
+        // It may step past a version that was active only briefly, but it follows the table's order: 1, 2, 1, 3.
+        List<ulong> followed = Switches(reader);
+        Assert.Equal(3UL, followed[^1]);
+        Assert.True(IsSubsequence(followed, [1, 2, 1, 3]), $"the reader switched {string.Join(", ", followed)}");
     }
 
     [Fact]
@@ -467,7 +483,7 @@ public sealed partial class LifecycleTests
         for (ulong version = 1; version <= 6; version++)
         {
             SyntheticModel.Fill(version, publisher.Tensors.Layout, publisher.Tensors.Pointer);
-            Assert.True(publisher.Publish(version).Ok); // returns at the snapshot; the update runs behind
+            Assert.True(publisher.Publish(version, wait: version <= 2).Ok); // 3 to 6 return at the snapshot; the update runs behind
             if (version == 3)
                 agent.WaitFor(() => agent.Outcome("llama", 3) is { Result: UpdateResult.Staging }, TimeSpan.FromSeconds(30), "version 3's update starting");
         }

@@ -116,17 +116,7 @@ internal static class DoctorCommand
         using var shared = DeviceBuffer.Allocate(context, bytes);
         shared.Fill(0x5A);
         (CuIpcMemHandle handle, _) = shared.ExportIpcHandle();
-        string? self = Environment.ProcessPath;
-        var start = new ProcessStartInfo(self!)
-        {
-            RedirectStandardOutput = true,
-            RedirectStandardError = true,
-            UseShellExecute = false,
-        };
-        if (Path.GetFileNameWithoutExtension(self!) == "dotnet")
-            start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "nccl-swap.dll"));
-        foreach (string arg in new[] { IpcPeerVerb, "--device", "0", "--handle", handle.ToHex(), "--bytes", bytes.ToString(CultureInfo.InvariantCulture) })
-            start.ArgumentList.Add(arg);
+        ProcessStartInfo start = SelfProcess.StartInfo(IpcPeerVerb, "--device", "0", "--handle", handle.ToHex(), "--bytes", bytes.ToString(CultureInfo.InvariantCulture));
         using Process peer = Process.Start(start)!;
         string stdout = peer.StandardOutput.ReadToEnd();
         string stderr = peer.StandardError.ReadToEnd();

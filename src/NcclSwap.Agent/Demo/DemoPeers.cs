@@ -1,0 +1,98 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Globalization;
+using NcclSwap.ControlPlane;
+using NcclSwap.ControlPlane.Abi;
+using NcclSwap.ControlPlane.Versions;
+using NcclSwap.WeightSets;
+
+namespace NcclSwap.Agent.Demo;
+
+/// <summary>
+/// The demo's trainer and engines, each a process of its own that reaches the agent only through the channel.
+/// They print one line per event on stdout for the demo to read.
+/// </summary>
+internal static class DemoPeers
+{
+    public const string Verb = "demo-peer";
+
+    public static Command Create(TextWriter output)
+    {
+        var role = new Argument<string>("role");
+        var socket = new Argument<string>("socket");
+        var weightSet = new Argument<string>("weight-set");
+        var model = new Argument<string>("model");
+        var extra = new Argument<string>("extra") { Description = "publisher: versions to publish; consumer: flip or copy-in" };
+        var command = new Command(Verb, "Internal: a publisher or consumer process of nccl-swap demo.") { role, socket, weightSet, model, extra };
+        command.Hidden = true;
+        command.SetAction(result =>
+        {
+            SyntheticModel parsed = SyntheticModel.Parse(result.GetValue(model)!);
+            return result.GetValue(role) switch
+            {
+                "publisher" => Publish(result.GetValue(socket)!, result.GetValue(weightSet)!, parsed, ulong.Parse(result.GetValue(extra)!, CultureInfo.InvariantCulture), output),
+                "consumer" => Consume(result.GetValue(socket)!, result.GetValue(weightSet)!, parsed, result.GetValue(extra) == "flip" ? ConsumerMode.Flip : ConsumerMode.CopyIn, output),
+                var other => throw new ArgumentException($"unknown demo role '{other}'"),
+            };
+        });
+        return command;
+    }
+
+    /// <summary>Writes versions 1..N of the model and publishes each, waiting for its outcome; prints "published V STATUS DETAIL".</summary>
+    private static int Publish(string socket, string weightSet, SyntheticModel model, ulong versions, TextWriter output)
+    {
+        RegionLayout layout = model.Layout();
+        using PublisherClient publisher = PublisherClient.Connect(socket, weightSet, layout);
+        output.WriteLine("ready");
+        for (ulong version = 1; version <= versions; version++)
+        {
+            SyntheticModel.Fill(version, layout, publisher.Tensors.Pointer); // the "training step"
+            PublishResult result = publisher.Publish(version, wait: true, TimeSpan.FromMinutes(5));
+            output.WriteLine($"published {version} {Status.Name(result.Status)} {result.Detail}");
+        }
+        output.WriteLine("done");
+        return 0;
+    }
+
+    /// <summary>
+    /// An engine: every step it checks for a new version, then "generates" by reading all of its weights and
+    /// checking them against what the version it serves must hold, then sleeps a millisecond. Prints
+    /// "switch V SLOT PAUSE_US" per switch, "torn V" per read that was not exactly version V, and a summary when
+    /// stdin says "stop". Exits 3 if any read was torn.
+    /// </summary>
+    private static int Consume(string socket, string weightSet, SyntheticModel model, ConsumerMode mode, TextWriter output)
+    {
+        RegionLayout layout = model.Layout();
+        using ConsumerClient consumer = ConsumerClient.Connect(socket, weightSet, layout, mode);
+        var stop = new ManualResetEventSlim();
+        new Thread(() => { while (Console.ReadLine() is { } line && line != "stop") { } stop.Set(); }) { IsBackground = true }.Start();
+        output.WriteLine("ready");
+        var expected = new Dictionary<ulong, ulong>();
+        var served = new List<ulong>();
+        long reads = 0, torn = 0;
+        var clock = Stopwatch.StartNew();
+        while (!stop.IsSet)
+        {
+            if (consumer.Step())
+            {
+                served.Add(consumer.Version);
+                output.WriteLine($"switch {consumer.Version} {VersionEntry.UnpackState(consumer.Serving).Slot} {consumer.LastPause.TotalMicroseconds:0}");
+            }
+            ulong version = consumer.Version;
+            if (version != 0)
+            {
+                if (!expected.TryGetValue(version, out ulong want))
+                    expected[version] = want = SyntheticModel.Expected(version, layout);
+                reads++;
+                if (SyntheticModel.Hash(layout, consumer.Weights.Pointer) != want)
+                {
+                    torn++;
+                    output.WriteLine($"torn {version}");
+                }
+            }
+            Thread.Sleep(1);
+        }
+        output.WriteLine($"summary reads={reads} torn={torn} served={string.Join(',', served)} seconds={clock.Elapsed.TotalSeconds:0.0}");
+        return torn == 0 ? 0 : 3;
+    }
+}
