@@ -4,6 +4,7 @@ using NcclSwap.Testing;
 
 namespace NcclSwap.Gpu.Tests;
 
+[Collection(GpuExclusive.Name)]
 public class CudaBackendTests
 {
     [Fact]

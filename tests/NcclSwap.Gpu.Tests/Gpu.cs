@@ -31,3 +31,13 @@ internal static class Gpu
     /// <summary>Clock cycles that keep the spin kernel busy for at least <paramref name="milliseconds"/> on any current GPU (≤ 2.5 GHz).</summary>
     public static ulong SpinCycles(int milliseconds) => (ulong)milliseconds * 2_500_000;
 }
+
+/// <summary>
+/// Tests that register host memory with the driver run alone: <c>cuMemHostRegister</c> can hold the driver until
+/// kernels in flight finish, which would upset a test that times a running kernel (IpcTests).
+/// </summary>
+[CollectionDefinition(Name, DisableParallelization = true)]
+public sealed class GpuExclusive
+{
+    public const string Name = "GPU, run alone";
+}
