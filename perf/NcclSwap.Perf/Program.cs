@@ -7,6 +7,8 @@ using NcclSwap.Perf;
 //   load [GiB] [shards]   checkpoint load into pinned memory against a plain sequential read of the same files
 //   channel [count]       control-channel round trip (request ring → another process → response ring), p50/p99
 //   version-check         BenchmarkDotNet: the consumer's per-step version-table load
+//   agent-channel [count] ping round trips through a real agent in another process (dispatcher and handler), p50/p99
+//   consumer-step         BenchmarkDotNet: ConsumerClient.Step when nothing is new (the engine's per-step cost)
 return args.FirstOrDefault() switch
 {
     "cpu-digest" => CpuDigest.Run(args[1..]),
@@ -15,11 +17,14 @@ return args.FirstOrDefault() switch
     "channel" => ChannelBenchmark.Run(args[1..]),
     ChannelBenchmark.ResponderVerb => ChannelBenchmark.Respond(args[1..]),
     "version-check" => VersionCheck.Run(args[1..]),
+    "agent-channel" => AgentChannelBenchmark.Run(args[1..]),
+    AgentChannelBenchmark.AgentVerb => AgentChannelBenchmark.Host(args[1..]),
+    "consumer-step" => ConsumerStep.Run(args[1..]),
     _ => Usage(),
 };
 
 static int Usage()
 {
-    Console.Error.WriteLine("usage: NcclSwap.Perf cpu-digest [BenchmarkDotNet args] | gpu-digest [GiB] | load [GiB] [shards] | channel [count] | version-check");
+    Console.Error.WriteLine("usage: NcclSwap.Perf cpu-digest [BenchmarkDotNet args] | gpu-digest [GiB] | load [GiB] [shards] | channel [count] | version-check | agent-channel [count] | consumer-step");
     return 2;
 }

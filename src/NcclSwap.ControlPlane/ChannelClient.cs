@@ -24,8 +24,11 @@ public sealed class ChannelClient : IDisposable
     private readonly Socket _socket;
     private long _nextId;
 
-    private ChannelClient(Socket socket, long session, Role role, VersionTable table, SharedRing requests, SharedRing responses, int row, ulong state)
+    private readonly Bell _bell;
+
+    private ChannelClient(Socket socket, long session, Role role, VersionTable table, SharedRing requests, SharedRing responses, Bell bell, int row, ulong state)
     {
+        _bell = bell;
         _socket = socket;
         Session = session;
         Role = role;
@@ -65,6 +68,20 @@ public sealed class ChannelClient : IDisposable
         Messages.NewRequest(kind, (ulong)Interlocked.Increment(ref _nextId), version, (uint)Math.Max(Row, 0)) with { Flags = flags };
 
     /// <summary>
+    /// Writes <paramref name="request"/> without waiting for its answer (which <see cref="DrainResponses"/> drops
+    /// later), ringing the agent's bell if its dispatcher sleeps. False if the ring stayed full for <paramref name="timeout"/>.
+    /// </summary>
+    public bool Send(in Request request, TimeSpan timeout)
+    {
+        if (!Requests.Write(request, timeout))
+            return false;
+        Interlocked.MemoryBarrier(); // the head's store before the load of the announcement (see RequestDispatcher)
+        if (Requests.Sleepers != 0)
+            _bell.Ring();
+        return true;
+    }
+
+    /// <summary>
     /// Sends <paramref name="request"/> and waits for its response (others that arrive first, such as answers to
     /// acknowledgements nobody waited for, are dropped). Throws <see cref="ChannelClosedException"/> if the agent
     /// goes away, <see cref="TimeoutException"/> after <paramref name="timeout"/>.
@@ -72,7 +89,7 @@ public sealed class ChannelClient : IDisposable
     public Response Call(in Request request, TimeSpan timeout)
     {
         var clock = System.Diagnostics.Stopwatch.StartNew();
-        while (!Requests.Write(request, TimeSpan.FromMilliseconds(50)))
+        while (!Send(request, TimeSpan.FromMilliseconds(50)))
             Check(request, clock, timeout);
         while (true)
         {
@@ -155,17 +172,18 @@ public sealed class ChannelClient : IDisposable
             using JsonDocument reply = JsonDocument.Parse(buffer.AsMemory(0, length));
             if (!reply.RootElement.GetProperty("ok").GetBoolean())
                 throw new ChannelRefusedException($"{socketPath}: {reply.RootElement.GetProperty("error").GetString()}");
-            if (descriptors.Length != 3)
-                throw new IOException($"{socketPath}: the agent sent {descriptors.Length} descriptors, not 3 (table, requests, responses)");
+            if (descriptors.Length != 4)
+                throw new IOException($"{socketPath}: the agent sent {descriptors.Length} descriptors, not 4 (table, requests, responses, bell)");
             long session = reply.RootElement.GetProperty("session").GetInt64();
             int row = reply.RootElement.TryGetProperty("row", out JsonElement r) ? r.GetInt32() : -1;
             ulong state = reply.RootElement.TryGetProperty("state", out JsonElement st) ? st.GetUInt64() : 0;
             VersionTable table = VersionTable.FromDescriptor(descriptors[0]);
             SharedRing requests = SharedRing.FromDescriptor(descriptors[1], $"session {session} requests");
             SharedRing responses = SharedRing.FromDescriptor(descriptors[2], $"session {session} responses");
+            Bell bell = Bell.FromDescriptor(descriptors[3]);
             descriptors = [];
             socket.ReceiveTimeout = 0; // from now on the socket only tells when the session ends (WaitUntilClosed)
-            return new ChannelClient(socket, session, role, table, requests, responses, row, state);
+            return new ChannelClient(socket, session, role, table, requests, responses, bell, row, state);
         }
         catch
         {
@@ -178,6 +196,7 @@ public sealed class ChannelClient : IDisposable
 
     public void Dispose()
     {
+        _bell.Dispose();
         Requests.Dispose();
         Responses.Dispose();
         Table.Dispose();

@@ -118,7 +118,7 @@ public sealed class ConsumerClient : IDisposable
             if (Mode == ConsumerMode.Flip)
             {
                 Volatile.Write(ref _serving, state);
-                channel.Requests.Write(channel.NewRequest(RequestKind.Ack, state), TimeSpan.FromSeconds(1));
+                channel.Send(channel.NewRequest(RequestKind.Ack, state), TimeSpan.FromSeconds(1));
             }
             else if (!CopyIn(channel))
                 return false;

@@ -63,8 +63,8 @@ public interface ISessionHost
 /// <summary>
 /// The agent's front door: a Unix socket where a client says which role it wants, the agent checks the
 /// peer's kernel identity against the policy and answers with a line of JSON that carries, as SCM_RIGHTS
-/// descriptors, a read-only descriptor of the version table and the session's private request and response
-/// rings (anonymous memfds: nothing on disk, nothing another user can open). The connection stays open as the
+/// descriptors, a read-only descriptor of the version table, the session's private request and response
+/// rings (anonymous memfds: nothing on disk, nothing another user can open) and the request bell (an eventfd). The connection stays open as the
 /// client's lease: when it closes, for whatever reason, the agent drops the session's rings.
 /// </summary>
 public sealed class FrontDoor : IAsyncDisposable
@@ -113,6 +113,9 @@ public sealed class FrontDoor : IAsyncDisposable
     public string SocketPath { get; }
 
     public string TablePath { get; }
+
+    /// <summary>The bell every client gets, to wake the dispatcher when it sleeps (<see cref="RequestDispatcher"/>).</summary>
+    public Bell RequestBell { get; } = Bell.Create();
 
     /// <summary>How this front door's session rings are named (<c>memfd:PREFIX{id}-requests</c> in /proc/PID/fd).</summary>
     public string SessionPrefix { get; } = $"nccl-swap-{Environment.ProcessId}.{Interlocked.Increment(ref s_doors)}-session-";
@@ -242,8 +245,9 @@ public sealed class FrontDoor : IAsyncDisposable
                 }
                 using (var table = File.OpenHandle(TablePath, FileMode.Open, FileAccess.Read, FileShare.ReadWrite))
                     FdPassing.Send(client, Encoding.UTF8.GetBytes(Reply(session.Info, welcome)),
-                        [(int)table.DangerousGetHandle(), session.Requests.Descriptor, session.Responses.Descriptor]);
+                        [(int)table.DangerousGetHandle(), session.Requests.Descriptor, session.Responses.Descriptor, RequestBell.Descriptor]);
                 SessionChanged?.Invoke(session.Info, true);
+                RequestBell.Ring(); // a dispatcher asleep learns of the new session now, not at its next poll
 
                 // The lease: the session lives until the client closes its end (or dies), or the agent ends it.
                 byte[] sink = new byte[256];
@@ -317,6 +321,7 @@ public sealed class FrontDoor : IAsyncDisposable
             writer.WriteStringValue("table");
             writer.WriteStringValue("requests");
             writer.WriteStringValue("responses");
+            writer.WriteStringValue("bell");
             writer.WriteEndArray();
             writer.WriteNumber("entry_bytes", Marshal.SizeOf<Request>());
             if (_host is not null)
@@ -457,6 +462,7 @@ public sealed class FrontDoor : IAsyncDisposable
             serving = [.. _serving];
         await Task.WhenAll(serving);
         File.Delete(SocketPath);
+        RequestBell.Dispose();
     }
 
     private sealed record Session(SessionInfo Info, SharedRing Requests, SharedRing Responses, Socket Socket)

@@ -16,8 +16,9 @@ public interface IRequestHandler
 /// <summary>
 /// The agent's side of every session's rings: takes each request, refuses malformed ones and ones the
 /// session's role may not make (answering why, and changing nothing), hands the rest to the handler, and
-/// writes its response. One thread polls all sessions: it spins while there is traffic and backs off to short
-/// sleeps when there is none.
+/// writes its response. One thread polls all sessions: it spins while there is traffic; when there is none it
+/// announces its sleep in every request ring and sleeps on the front door's bell, which a client rings after
+/// writing a request into a ring that says so.
 /// </summary>
 public sealed class RequestDispatcher : IDisposable
 {
@@ -57,7 +58,11 @@ public sealed class RequestDispatcher : IDisposable
     public event Action<SessionInfo, Request, string>? RequestRefused;
 
     /// <summary>Answers a request whose handler returned null; the response goes out on the dispatcher's thread (rings have one producer).</summary>
-    public void Reply(long session, in Response response) => _later.Enqueue((session, response));
+    public void Reply(long session, in Response response)
+    {
+        _later.Enqueue((session, response));
+        _door.RequestBell.Ring();
+    }
 
     /// <summary>What is wrong with <paramref name="request"/> from <paramref name="session"/>, or null if it may be handled.</summary>
     public static (int Status, string Reason)? Check(SessionInfo session, in Request request)
@@ -101,26 +106,63 @@ public sealed class RequestDispatcher : IDisposable
         int idle = 0;
         while (!_stopping)
         {
-            bool any = false;
-            while (_later.TryDequeue(out var later))
-            {
-                any = true;
-                _door.TryUse(later.Session, (_, responses) => responses.Write(later.Response, TimeSpan.FromMilliseconds(100)));
-            }
-            foreach (SessionInfo session in _door.Sessions)
-                _door.TryUse(session.Id, (requests, responses) => any |= Serve(session, requests, responses));
+            // Briefly hot after traffic, yielding (a client woken on this core must get it back), then asleep on
+            // the bell: a long spin here would keep the client that rang it off its core.
+            bool any = Poll();
             if (any)
                 idle = 0;
-            else if (++idle < 1000)
-                Thread.SpinWait(50);
+            else if (++idle < 64)
+                Thread.SpinWait(20);
+            else if (idle < 128)
+                Thread.Yield();
             else
-                Thread.Sleep(idle < 2000 ? 0 : 1);
+                Sleep();
+        }
+    }
+
+    /// <summary>One pass: deferred responses out, then every session's requests in. True if anything was done.</summary>
+    private bool Poll()
+    {
+        bool any = false;
+        while (_later.TryDequeue(out var later))
+        {
+            any = true;
+            _door.TryUse(later.Session, (_, responses) => responses.Write(later.Response, TimeSpan.FromMilliseconds(100)));
+        }
+        foreach (SessionInfo session in _door.Sessions)
+            _door.TryUse(session.Id, (requests, responses) => any |= Serve(session, requests, responses));
+        return any;
+    }
+
+    /// <summary>
+    /// Announces the sleep in every request ring, looks once more (a request written before a client could see the
+    /// announcement is not missed: the announcement is an atomic increment, and clients fence between writing the
+    /// head and reading the announcement), then sleeps on the bell. The poll timeout only bounds a lost wake-up.
+    /// </summary>
+    private void Sleep()
+    {
+        List<SessionInfo> sessions = [.. _door.Sessions];
+        foreach (SessionInfo session in sessions)
+            _door.TryUse(session.Id, (requests, _) => requests.AnnounceSleep());
+        try
+        {
+            bool pending = !_later.IsEmpty;
+            foreach (SessionInfo session in sessions)
+                _door.TryUse(session.Id, (requests, _) => pending |= requests.Count > 0);
+            if (!pending && !_stopping)
+                _door.RequestBell.Wait(TimeSpan.FromMilliseconds(100));
+        }
+        finally
+        {
+            foreach (SessionInfo session in sessions)
+                _door.TryUse(session.Id, (requests, _) => requests.EndSleep());
         }
     }
 
     public void Dispose()
     {
         _stopping = true;
+        _door.RequestBell.Ring();
         _thread.Join();
     }
 }

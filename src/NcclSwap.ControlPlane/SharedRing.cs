@@ -14,7 +14,7 @@ namespace NcclSwap.ControlPlane;
 /// </summary>
 public sealed unsafe class SharedRing : IDisposable
 {
-    private const int SpinIterations = 200;
+    private const int SpinIterations = 64;
     private readonly SharedRegion _region;
 
     private SharedRing(SharedRegion region) => _region = region;
@@ -24,6 +24,14 @@ public sealed unsafe class SharedRing : IDisposable
     public int Capacity => (int)Header->Capacity;
 
     public int EntryBytes => (int)Header->EntryBytes;
+
+    /// <summary>How many sides announced that they sleep until the other side acts (the agent's dispatcher does, on request rings).</summary>
+    public int Sleepers => (int)Volatile.Read(ref Header->Sleepers);
+
+    /// <summary>Announces a sleep (on a bell, say) before the last look at the ring; <see cref="EndSleep"/> after.</summary>
+    public void AnnounceSleep() => Interlocked.Increment(ref Header->Sleepers);
+
+    public void EndSleep() => Interlocked.Decrement(ref Header->Sleepers);
 
     /// <summary>Entries written and not yet read.</summary>
     public int Count => (int)(Volatile.Read(ref Header->Head) - Volatile.Read(ref Header->Tail));
@@ -132,11 +140,15 @@ public sealed unsafe class SharedRing : IDisposable
     {
         bool Attempt() => write ? TryWrite(new ReadOnlySpan<byte>(entry, length)) : TryRead(new Span<byte>(entry, length));
 
+        // Spin a little, then yield (the other side may have been woken onto this very core), then sleep.
         for (int i = 0; i < SpinIterations; i++)
         {
             if (Attempt())
                 return true;
-            Thread.SpinWait(20);
+            if (i < SpinIterations / 2)
+                Thread.SpinWait(20);
+            else
+                Thread.Yield();
         }
         var clock = Stopwatch.StartNew();
         uint* doorbell = &Header->Doorbell;

@@ -16,6 +16,7 @@ from .ring import SharedRing
 from .version_table import VersionTable
 
 DEFAULT_SOCKET = "/run/nccl-swap/agent.sock"
+_ONE = (1).to_bytes(8, "little")
 
 
 class RefusedError(Exception):
@@ -77,6 +78,7 @@ class Session:
     requests: SharedRing
     responses: SharedRing
     _socket: socket.socket
+    _bell: int = -1
     row: int = -1
     state: int = 0
     _ids: "itertools.count" = field(default_factory=lambda: itertools.count(1))
@@ -86,8 +88,19 @@ class Session:
         return bytes(abi.Request(magic=abi.REQUEST_MAGIC, kind=kind, flags=flags, id=next(self._ids), version=version, weight_set=max(self.row, 0)))
 
     def send(self, entry: bytes, timeout: float = 1.0) -> bool:
-        """Writes a request without waiting for its answer (which :meth:`drain` later drops)."""
-        return self.requests.write(entry, timeout)
+        """Writes a request without waiting for its answer (which :meth:`drain` later drops), and rings the agent's bell.
+
+        Python cannot fence between the ring's head and the dispatcher's announcement of its sleep, so it rings the
+        bell after every request (one system call) rather than only when the dispatcher sleeps.
+        """
+        if not self.requests.write(entry, timeout):
+            return False
+        if self._bell >= 0:
+            try:
+                os.write(self._bell, _ONE)
+            except BlockingIOError:
+                pass  # the counter is full: it is rung all the same
+        return True
 
     def call(self, entry: bytes, timeout: float = 60.0) -> Response:
         """Sends a request and waits for its response; others that come first are dropped.
@@ -96,7 +109,7 @@ class Session:
         """
         wanted = abi.Request.from_buffer_copy(entry).id
         deadline = time.monotonic() + timeout
-        while not self.requests.write(entry, 0.05):
+        while not self.send(entry, 0.05):
             self._check(deadline)
         while True:
             raw = self.responses.read(0.05)
@@ -135,6 +148,9 @@ class Session:
             raise TimeoutError("no answer from the agent in time")
 
     def close(self) -> None:
+        if self._bell >= 0:
+            os.close(self._bell)
+            self._bell = -1
         self.requests.close()
         self.responses.close()
         self.table.close()
@@ -181,16 +197,16 @@ def connect(role: str, weight_set: str, socket_path: str = DEFAULT_SOCKET, timeo
             answer = json.loads(reply)
             if not answer.get("ok"):
                 raise RefusedError(f"{socket_path}: {answer.get('error')}")
-            if answer.get("descriptors") != ["table", "requests", "responses"] or len(fds) != 3:
-                raise RefusedError(f"{socket_path}: expected the table and two rings, got {len(fds)} descriptors")
+            if answer.get("descriptors") != ["table", "requests", "responses", "bell"] or len(fds) != 4:
+                raise RefusedError(f"{socket_path}: expected the table, two rings and the bell, got {len(fds)} descriptors")
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         sock.settimeout(None)
-        table, requests, responses = fds
+        table, requests, responses, bell = fds
         return Session(answer["session"], answer["role"], VersionTable(table), SharedRing(requests), SharedRing(responses), sock,
-                       answer.get("row", -1), answer.get("state", 0))
+                       bell, answer.get("row", -1), answer.get("state", 0))
     except BaseException:
         sock.close()
         raise
