@@ -5,6 +5,20 @@
  * compile it.
  *
  * All integers are little-endian and naturally aligned. Regions are mapped shared (memfd or /dev/shm).
+ *
+ * How a client gets them (the front door, a Unix socket; JSON lines, not part of the layout checks):
+ *   hello  {"role": "publisher"|"consumer"|"operator", "weight_set": NAME,
+ *           "tensors": [{"name", "dtype", "shape", "offset"}, ...],   where the client's tensors lie
+ *           "regions": [NAME, ...],  one per descriptor sent with the hello (SCM_RIGHTS): memfds sealed against
+ *                                    shrinking; a publisher sends 1, a flip consumer 2 (slots 0 and 1), a
+ *                                    copy-in consumer 1
+ *           "mode": "flip"|"copy-in", "serving": STATE}   consumers: how they take versions, what they serve now
+ *          A session may register nothing (tensors and regions left out): it can ping and ask for status.
+ *   reply  {"ok": true, "session", "role", "table", "descriptors": ["table", "requests", "responses", "bell"],
+ *           "entry_bytes", "row", "state"}  with those four descriptors, or {"ok": false, "error": REASON}.
+ * The session lives as long as the connection. "bell" is an eventfd: while the agent's dispatcher sleeps it
+ * raises `sleepers` of every request ring; a client that finds it raised after writing a request (with a full
+ * fence between the head's store and that load) writes 1 to the bell.
  */
 #ifndef NCCL_SWAP_ABI_H
 #define NCCL_SWAP_ABI_H
