@@ -240,6 +240,15 @@ public sealed partial class LifecycleTests
         AssertHolds(other, 3);
     }
 
+    /// <summary>The inodes of the slots a consumer process maps (the fifth field of its /proc/PID/maps lines).</summary>
+    private static HashSet<string> SlotInodes(PeerProcess consumer) =>
+        File.ReadAllLines($"/proc/{consumer.Process.Id}/maps").Where(l => l.Contains("memfd:nccl-swap-slot", StringComparison.Ordinal))
+            .Select(l => l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[4]).ToHashSet();
+
+    /// <summary>How many of those this process (the agent) maps now.</summary>
+    private static int Mapped(HashSet<string> inodes) =>
+        File.ReadAllLines("/proc/self/maps").Count(l => l.Contains("memfd:nccl-swap-slot", StringComparison.Ordinal) && inodes.Contains(l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[4]));
+
     private static void Signal(PeerProcess peer, string signal)
     {
         using var kill = System.Diagnostics.Process.Start("kill", [$"-{signal}", $"{peer.Process.Id}"]);
@@ -265,6 +274,9 @@ public sealed partial class LifecycleTests
         await Task.Delay(500, TestContext.Current.CancellationToken);
         Assert.Equal(UpdateResult.Staging, agent.Outcome("llama", 3)!.Result); // held up by the stopped consumer
 
+        HashSet<string> victimSlots = SlotInodes(victim);
+        Assert.Equal(2, victimSlots.Count);
+        Assert.Equal(2, Mapped(victimSlots)); // the agent maps the victim's two slots
         var clock = System.Diagnostics.Stopwatch.StartNew();
         victim.Process.Kill(); // SIGKILL: its session closes, it no longer counts
         Assert.True((await third.WaitAsync(TimeSpan.FromSeconds(20), TestContext.Current.CancellationToken)).Ok);
@@ -274,6 +286,7 @@ public sealed partial class LifecycleTests
         Assert.Equal(1, outcome.Consumers);
         Assert.Empty(outcome.Evicted); // it left; nobody had to end it
         Assert.Single(agent.Core!.Versions.Consumers("llama"));
+        agent.WaitFor(() => Mapped(victimSlots) == 0, TimeSpan.FromSeconds(10), "the agent unmapping the killed consumer's slots"); // its memory is let go
 
         Assert.True(Publish(publisher, 4).Ok);
         survivor.WaitForLine("switch 4 ", TimeSpan.FromSeconds(30));
