@@ -86,11 +86,7 @@ public sealed class Manifest
             {
                 writer.WriteStartObject();
                 writer.WriteString("name", t.Name);
-                writer.WriteString("dtype", t.Dtype);
-                writer.WriteStartArray("shape");
-                foreach (long d in t.Shape)
-                    writer.WriteNumberValue(d);
-                writer.WriteEndArray();
+                TensorJson.WriteDtypeAndShape(writer, t.Dtype, t.Shape);
                 writer.WriteNumber("bytes", t.Bytes);
                 writer.WriteString("digest", t.Digest.ToString());
                 writer.WriteEndObject();

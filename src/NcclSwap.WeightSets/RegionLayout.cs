@@ -194,11 +194,7 @@ public sealed class RegionLayout
         {
             writer.WriteStartObject();
             writer.WriteString("name", t.Name);
-            writer.WriteString("dtype", t.Dtype);
-            writer.WriteStartArray("shape");
-            foreach (long d in t.Shape)
-                writer.WriteNumberValue(d);
-            writer.WriteEndArray();
+            TensorJson.WriteDtypeAndShape(writer, t.Dtype, t.Shape);
             writer.WriteNumber("offset", t.Offset);
             writer.WriteEndObject();
         }

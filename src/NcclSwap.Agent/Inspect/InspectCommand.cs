@@ -48,11 +48,7 @@ internal static class InspectCommand
             {
                 writer.WriteStartObject();
                 writer.WriteString("name", t.Name);
-                writer.WriteString("dtype", t.Dtype.Name);
-                writer.WriteStartArray("shape");
-                foreach (long d in t.Shape)
-                    writer.WriteNumberValue(d);
-                writer.WriteEndArray();
+                TensorJson.WriteDtypeAndShape(writer, t.Dtype.Name, t.Shape);
                 writer.WriteNumber("bytes", t.Bytes);
                 writer.WriteString("file", FileOf(t));
                 writer.WriteString("digest", manifest.Tensors.Single(e => e.Name == t.Name).Digest.ToString());

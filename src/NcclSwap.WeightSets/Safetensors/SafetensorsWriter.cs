@@ -69,11 +69,7 @@ public static class SafetensorsWriter
                     throw new SafetensorsException(path, tensor.Name, "byte length",
                         $"{tensor.Data.Length} bytes given, but {tensor.Dtype} × [{string.Join(", ", tensor.Shape)}] needs {expected?.ToString() ?? "a whole number of bytes"}");
                 writer.WriteStartObject(tensor.Name);
-                writer.WriteString("dtype", tensor.Dtype.Name);
-                writer.WriteStartArray("shape");
-                foreach (long dimension in tensor.Shape)
-                    writer.WriteNumberValue(dimension);
-                writer.WriteEndArray();
+                TensorJson.WriteDtypeAndShape(writer, tensor.Dtype.Name, tensor.Shape);
                 writer.WriteStartArray("data_offsets");
                 writer.WriteNumberValue(offset);
                 writer.WriteNumberValue(offset + tensor.Data.Length);
