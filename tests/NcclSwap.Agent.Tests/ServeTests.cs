@@ -147,6 +147,23 @@ public sealed class ServeTests : IDisposable
     }
 
     [Fact]
+    public void An_agent_that_cannot_start_exits_1_saying_why()
+    {
+        string blocker = Path.Combine(_folder, "a-file");
+        File.WriteAllText(blocker, "not a folder");
+        using PeerProcess agent = PeerHost.StartWith("agent", new Dictionary<string, string>
+        {
+            ["NCCL_SWAP_Agent__SocketPath"] = Path.Combine(_folder, "agent.sock"),
+            ["NCCL_SWAP_Agent__StateDirectory"] = Path.Combine(_folder, "state"),
+            ["NCCL_SWAP_Agent__StagingDirectory"] = Path.Combine(blocker, "staging"), // under a file: cannot be made
+            [$"NCCL_SWAP_Agent__Roles__Users__{MyUid()}"] = "consumer",
+        }, "serve");
+        Assert.Equal(1, agent.WaitForExit(TimeSpan.FromSeconds(30)));
+        Assert.Contains("the agent could not start", agent.Output + agent.Errors);
+        Assert.Contains("a-file", agent.Output + agent.Errors);
+    }
+
+    [Fact]
     public void Bad_settings_stop_serve_before_it_starts_with_exit_code_2()
     {
         var output = new StringWriter();

@@ -20,8 +20,18 @@ public sealed class AgentService(AgentSettings settings, ISystemdNotifier notifi
 
     protected override async Task ExecuteAsync(CancellationToken stopping)
     {
-        _backend = Backend.Create(settings.Backend);
-        _agent = AgentCore.Start(settings.Options, _backend, log);
+        try
+        {
+            _backend = Backend.Create(settings.Backend);
+            _agent = AgentCore.Start(settings.Options, _backend, log);
+        }
+        catch (Exception e)
+        {
+            // The host stops; the exit code tells systemd (Restart=on-failure) and scripts that it did not start.
+            log.LogCritical(e, "the agent could not start: {Reason}", e.Message);
+            Environment.ExitCode = 1;
+            throw;
+        }
         notifier.Notify(ServiceState.Ready);
 
         TimeSpan? watchdog = WatchdogInterval();

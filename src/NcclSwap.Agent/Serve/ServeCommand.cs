@@ -20,7 +20,7 @@ internal static class ServeCommand
             {
                 using IHost host = Build(result.GetValue(config), []);
                 host.Run();
-                return 0;
+                return Environment.ExitCode; // 1 when the agent failed to start
             }
             catch (AgentSettingsException e)
             {

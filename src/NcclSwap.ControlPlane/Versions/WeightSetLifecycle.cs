@@ -755,8 +755,8 @@ internal sealed class WeightSetLifecycle : IDisposable
         outcome.Result = result;
         outcome.Status = status;
         outcome.Detail = detail;
-        if (result != UpdateResult.Activated && job.Source is not null && result is UpdateResult.Superseded)
-            job.Source.Release();
+        if (result == UpdateResult.Superseded)
+            job.Source?.Release(); // never reached the worker, whose update releases what it does not activate
         if (job.WaitFor is { } dispatcher)
             dispatcher.Reply(job.Session, Messages.NewResponse(job.Request with { Version = outcome.State != 0 ? outcome.State : job.Request.Version }, status, detail));
         if (result == UpdateResult.Activated)
