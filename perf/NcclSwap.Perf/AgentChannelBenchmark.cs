@@ -89,8 +89,7 @@ internal static class AgentChannelBenchmark
         return 0;
     }
 
-    internal static uint Uid() =>
-        uint.Parse(File.ReadAllLines("/proc/self/status").First(l => l.StartsWith("Uid:", StringComparison.Ordinal)).Split('\t', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture);
+    internal static uint Uid() => PeerIdentity.OfThisProcess().Uid;
 }
 
 /// <summary>The engine's per-step call, <see cref="ConsumerClient.Step"/>, when no new version is active (the common case).</summary>

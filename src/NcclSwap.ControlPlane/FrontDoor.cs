@@ -22,6 +22,14 @@ public enum Role
 public readonly record struct PeerIdentity(int Pid, uint Uid, uint Gid)
 {
     public override string ToString() => $"uid {Uid} gid {Gid} (pid {Pid})";
+
+    /// <summary>This process's identity (real uid and gid, from /proc/self/status): what the agent sees when it connects to itself.</summary>
+    public static PeerIdentity OfThisProcess()
+    {
+        string[] lines = File.ReadAllLines("/proc/self/status");
+        uint Field(string name) => uint.Parse(lines.First(l => l.StartsWith(name, StringComparison.Ordinal)).Split('\t', StringSplitOptions.RemoveEmptyEntries)[1], System.Globalization.CultureInfo.InvariantCulture);
+        return new PeerIdentity(Environment.ProcessId, Field("Uid:"), Field("Gid:"));
+    }
 }
 
 /// <summary>Roles granted per uid and per gid; a peer gets the union of its uid's and its gid's.</summary>

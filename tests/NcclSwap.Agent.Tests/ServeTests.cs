@@ -13,8 +13,7 @@ public sealed class ServeTests : IDisposable
 {
     private readonly string _folder = Directory.CreateTempSubdirectory("nccl-swap-serve-").FullName;
 
-    private static uint MyUid() =>
-        uint.Parse(File.ReadAllLines("/proc/self/status").First(l => l.StartsWith("Uid:", StringComparison.Ordinal)).Split('\t', StringSplitOptions.RemoveEmptyEntries)[1]);
+    private static uint MyUid() => PeerIdentity.OfThisProcess().Uid;
 
     private static AgentSettings Load(Dictionary<string, string?> values) =>
         AgentSettings.Load(new ConfigurationBuilder().AddInMemoryCollection(values).Build());

@@ -13,12 +13,7 @@ public sealed class FrontDoorTests : IAsyncDisposable
 
     public FrontDoorTests() => _table = VersionTable.Create(Path.Combine(_folder, "table"), 4);
 
-    private static (uint Uid, uint Gid) Me()
-    {
-        string[] lines = File.ReadAllLines("/proc/self/status");
-        uint Field(string name) => uint.Parse(lines.First(l => l.StartsWith(name, StringComparison.Ordinal)).Split('\t', StringSplitOptions.RemoveEmptyEntries)[1]);
-        return (Field("Uid:"), Field("Gid:"));
-    }
+    private static PeerIdentity Me() => PeerIdentity.OfThisProcess(); // from /proc, not from SO_PEERCRED
 
     private FrontDoor Open(Role granted)
     {

@@ -14,7 +14,7 @@ public sealed class RequestDispatcherTests : IAsyncDisposable
     {
         _table = VersionTable.Create(Path.Combine(_folder, "table"), 4);
         var policy = new RolePolicy();
-        uint uid = uint.Parse(File.ReadAllLines("/proc/self/status").First(l => l.StartsWith("Uid:", StringComparison.Ordinal)).Split('\t', StringSplitOptions.RemoveEmptyEntries)[1]);
+        uint uid = PeerIdentity.OfThisProcess().Uid;
         policy.Users[uid] = Role.Publisher | Role.Consumer | Role.Operator;
         _door = new FrontDoor(Path.Combine(_folder, "agent.sock"), _table.Path, policy);
         _dispatcher = new RequestDispatcher(_door, _handler);

@@ -135,8 +135,7 @@ internal sealed class TestAgent : IAsyncDisposable
         return Outcome(set, version, rollback)!;
     }
 
-    public static uint MyUid() =>
-        uint.Parse(File.ReadAllLines("/proc/self/status").First(l => l.StartsWith("Uid:", StringComparison.Ordinal)).Split('\t', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture);
+    public static uint MyUid() => PeerIdentity.OfThisProcess().Uid;
 
     public async ValueTask DisposeAsync()
     {

@@ -21,7 +21,7 @@ public sealed class LifecycleGpuTests : IAsyncDisposable
     {
         Gpu.RequireContext().Dispose();
         var roles = new RolePolicy();
-        roles.Users[uint.Parse(File.ReadAllLines("/proc/self/status").First(l => l.StartsWith("Uid:", StringComparison.Ordinal)).Split('\t', StringSplitOptions.RemoveEmptyEntries)[1])] = Role.Publisher | Role.Consumer | Role.Operator;
+        roles.Users[PeerIdentity.OfThisProcess().Uid] = Role.Publisher | Role.Consumer | Role.Operator;
         var options = new AgentOptions(Path.Combine(_folder, "agent.sock"), Path.Combine(_folder, "state"), Path.Combine("/dev/shm", Path.GetFileName(_folder)), 4, roles, UpdatePolicy.Queue, TimeSpan.FromSeconds(30));
         var backend = new FlakyBackend(new CudaBackend(0));
         return (AgentCore.Start(options, backend, NullLogger.Instance), backend);

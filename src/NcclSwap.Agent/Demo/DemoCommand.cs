@@ -65,7 +65,7 @@ internal static class DemoCommand
         string staging = Directory.Exists("/dev/shm") ? Path.Combine("/dev/shm", $"nccl-swap-demo-{Environment.ProcessId}") : Path.Combine(folder, "staging");
         RegionLayout layout = model.Layout();
         var roles = new RolePolicy();
-        roles.Users[CurrentUid()] = Role.Publisher | Role.Consumer | Role.Operator;
+        roles.Users[PeerIdentity.OfThisProcess().Uid] = Role.Publisher | Role.Consumer | Role.Operator;
         var options = new AgentOptions(socketPath, folder, staging, 8, roles, UpdatePolicy.Queue, TimeSpan.FromSeconds(30));
 
         using var log = new FileLog(Path.Combine(folder, "agent.log"));
@@ -187,9 +187,6 @@ internal static class DemoCommand
     private static string Ms(TimeSpan time) => $"{time.TotalMilliseconds:0.0} ms";
 
     private static string Megabytes(long bytes) => $"{bytes / 1e6:0.0} MB";
-
-    private static uint CurrentUid() =>
-        uint.Parse(File.ReadAllLines("/proc/self/status").First(l => l.StartsWith("Uid:", StringComparison.Ordinal)).Split('\t', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture);
 
     /// <summary>A peer process; its output is collected as it comes.</summary>
     private sealed class Peer
