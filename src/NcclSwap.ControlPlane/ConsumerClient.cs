@@ -54,9 +54,6 @@ public sealed class ConsumerClient : IDisposable
     /// <summary>The weights to read for the version served (flip: the slot it names).</summary>
     public WeightRegion Weights => Mode == ConsumerMode.Flip ? _regions[VersionEntry.UnpackState(Serving).Slot] : _regions[0];
 
-    /// <summary>The slots (flip: two) or the buffers (copy-in: one).</summary>
-    public IReadOnlyList<WeightRegion> Regions => _regions;
-
     /// <summary>How long the last switch kept the engine from its next step (copy-in: the copy; flip: the switch).</summary>
     public TimeSpan LastPause { get; private set; }
 

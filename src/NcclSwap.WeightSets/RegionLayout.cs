@@ -50,8 +50,6 @@ public sealed class RegionLayout
     public TensorPlacement this[string name] =>
         _index.TryGetValue(name, out int i) ? Tensors[i] : throw new KeyNotFoundException($"no tensor '{name}' in this layout");
 
-    public bool Contains(string name) => _index.ContainsKey(name);
-
     /// <summary>
     /// A layout from (name, dtype, shape, offset) entries, every rule checked: names non-empty and unique,
     /// dtypes known, dimensions non-negative, whole bytes, offsets non-negative, no two tensors overlapping.

@@ -140,16 +140,6 @@ internal sealed class StagingPool(string directory, string prefix, IBackend back
 
     public string Prefix { get; } = prefix;
 
-    /// <summary>How many buffers exist (lent and idle), for reports.</summary>
-    public int Count
-    {
-        get
-        {
-            lock (_lock)
-                return _idle.Count + _lent.Count;
-        }
-    }
-
     public StagingBuffer Acquire(long length)
     {
         lock (_lock)

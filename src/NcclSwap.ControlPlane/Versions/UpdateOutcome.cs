@@ -73,9 +73,6 @@ public sealed class UpdateOutcome(string weightSet, ulong version, bool rollback
     /// <summary>The state word activated (0 until then).</summary>
     public ulong State { get; internal set; }
 
-    /// <summary><see cref="System.Diagnostics.Stopwatch"/> timestamp of the activation (0 until then).</summary>
-    public long ActivatedAt { get; internal set; }
-
     public bool IsFinal => Result is not (UpdateResult.Pending or UpdateResult.Staging);
 
     public override string ToString()

@@ -660,7 +660,6 @@ internal sealed class WeightSetLifecycle : IDisposable
         }
         outcome.Activate = clock.Elapsed;
         outcome.State = state;
-        outcome.ActivatedAt = Stopwatch.GetTimestamp();
         Finish(job, UpdateResult.Activated, Abi.Status.Ok, "");
     }
 
