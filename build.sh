@@ -5,9 +5,9 @@
 #   ./build.sh publish         the agent as one NativeAOT binary: artifacts/bin/nccl-swap
 #   ./build.sh gpu-test        package the GPU suite (self-contained, no .NET needed) and the agent into
 #                              artifacts/gpu/, for a GPU machine
-#   ./build.sh gpu-test DIR    on the GPU machine: run `nccl-swap doctor --bench`, the suite packaged in DIR, the demo
-#                              (CUDA, then host) and the GPU benchmarks of perf/ (digest, checkpoint load), logging to
-#                              $OUT (or DIR/logs)
+#   ./build.sh gpu-test DIR    on the GPU machine: run `nccl-swap doctor --bench`, the suite packaged in DIR, the Python
+#                              client's GPU tests (PyTorch), the demo (CUDA, then host) and the GPU benchmarks of perf/
+#                              (digest, checkpoint load), logging to $OUT (or DIR/logs)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -54,6 +54,8 @@ case "${1:-}" in
       echo "== GPU test suite" | tee "$logs/gpu-tests.log"
       status=0
       "$work/suite/NcclSwap.Gpu.Tests" -noColor -reporter verbose 2>&1 | tee -a "$logs/gpu-tests.log" || status=$?
+      echo "== Python client on the GPU (PyTorch, CUDA IPC; the engine in the loop), against the agent in DIR" | tee "$logs/python-gpu.log"
+      (cd src/python && NCCL_SWAP_AGENT="$dir/nccl-swap" python3 -m unittest tests.test_gpu tests.test_engine_loop -v) 2>&1 | tee -a "$logs/python-gpu.log" || status=$?
       echo "== nccl-swap demo (CUDA backend), then the same on the host backend" | tee "$logs/demo.log"
       "$dir/nccl-swap" demo 2>&1 | tee -a "$logs/demo.log" || status=$?
       "$dir/nccl-swap" demo --backend host 2>&1 | tee -a "$logs/demo.log" || status=$?

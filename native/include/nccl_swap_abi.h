@@ -9,9 +9,15 @@
  * How a client gets them (the front door, a Unix socket; JSON lines, not part of the layout checks):
  *   hello  {"role": "publisher"|"consumer"|"operator", "weight_set": NAME,
  *           "tensors": [{"name", "dtype", "shape", "offset"}, ...],   where the client's tensors lie
- *           "regions": [NAME, ...],  one per descriptor sent with the hello (SCM_RIGHTS): memfds sealed against
- *                                    shrinking; a publisher sends 1, a flip consumer 2 (slots 0 and 1), a
- *                                    copy-in consumer 1
+ *           "regions": [REGION, ...], a publisher 1, a flip consumer 2 (slots 0 and 1), a copy-in consumer 1;
+ *                     each either NAME: shared memory, one descriptor sent with the hello (SCM_RIGHTS) in order, a
+ *                                memfd sealed against shrinking;
+ *                     or {"name": NAME, "cuda": [{"handle": HEX, "offset": O, "bytes": N, "at": A}, ...]}: GPU
+ *                                memory, one entry per allocation: its CUDA IPC handle (128 hex digits; it names the
+ *                                allocation from its base), N bytes from O of it, placed at A of the region's offsets
+ *                                (the tensors' "offset"), in order, at least 256 bytes apart; every tensor lies in one.
+ *                                All of a client's regions share its one "tensors" layout.
+ *                     A consumer with GPU regions adds, last, the memfd "gate" (one page, nccl_swap_gate).
  *           "mode": "flip"|"copy-in", "serving": STATE}   consumers: how they take versions, what they serve now
  *          A session may register nothing (tensors and regions left out): it can ping and ask for status.
  *   reply  {"ok": true, "session", "role", "table", "descriptors": ["table", "requests", "responses", "bell"],
@@ -108,7 +114,8 @@ enum nccl_swap_request_kind {
  *   STATUS    any role: `version` 0 asks for the weight set's state; otherwise for that version's outcome.
  *   COPY_IN   consumer (copy-in), at a step boundary while it does not read its weights: the agent copies
  *             the active version into the consumer's buffers, verifies them and answers with the state word
- *             of what the buffers now hold in `version`.
+ *             of what the buffers now hold in `version`. A consumer with a gate puts the copy-in's sequence
+ *             number in `version` and does not wait: see nccl_swap_gate.
  * `weight_set` must be the session's row in the version table.
  */
 #define NCCL_SWAP_PUBLISH_WAIT 0x1u
@@ -146,5 +153,29 @@ typedef struct nccl_swap_response {
     uint32_t reserved;         /* 28 */
     char detail[NCCL_SWAP_PAYLOAD_BYTES]; /* 32: UTF-8 message, e.g. why a request was refused */
 } nccl_swap_response;          /* 128 bytes */
+
+/*
+ * Gate: how a consumer with GPU regions and the agent order their GPU work without either host thread waiting
+ * for the other. It lies in a page of shared memory the consumer sends last with its hello ("gate"); both sides
+ * register it with the driver (cuMemHostRegister) and write and wait on its words from their CUDA streams with
+ * stream memory operations (cuStreamWriteValue32, cuStreamWaitValue32: cyclic greater-or-equal, so the counters
+ * may wrap). A side whose peer died writes the word itself from the CPU, so that no stream waits forever.
+ *
+ *   copy-in  the consumer's stream writes `quiesced` = N after the last work that reads its weights and then waits
+ *            until `done` >= N; its host sends COPY_IN with `version` N and goes on enqueueing the next step. The
+ *            agent's stream waits until `quiesced` >= N, copies the active version in, writes `done` = N; the
+ *            answer (the state word copied, or why not) follows once the agent has checked the bytes.
+ *   flip     after switching slots the consumer's stream writes `passed` = the low 32 bits of the new state word,
+ *            then its host sends ACK: once `passed` equals the acknowledged state, no work of the consumer reads
+ *            the other slot any more, and the agent may write it.
+ */
+typedef struct nccl_swap_gate {
+    uint32_t quiesced;         /*   0: copy-in: written by the consumer's stream */
+    uint8_t pad0[60];          /*   4 */
+    uint32_t done;             /*  64: copy-in: written by the agent's stream */
+    uint8_t pad1[60];          /*  68 */
+    uint32_t passed;           /* 128: flip: written by the consumer's stream */
+    uint8_t pad2[124];         /* 132 */
+} nccl_swap_gate;              /* 256 bytes */
 
 #endif /* NCCL_SWAP_ABI_H */

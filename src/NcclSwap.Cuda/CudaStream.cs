@@ -76,6 +76,26 @@ public sealed class CudaStream : GpuOwner
         Interop.Cuda.StreamWaitEvent(Handle, @event.Handle, 0).ThrowIfFailed();
     }
 
+    /// <summary>
+    /// Later work on this stream waits, on the device, until the 32-bit word at <paramref name="offset"/> of
+    /// <paramref name="word"/> reaches <paramref name="value"/> (cyclic: <c>(int)(word - value) &gt;= 0</c>). The word
+    /// may be written by another process, its stream or its CPU (mapped host memory); the host does not block.
+    /// </summary>
+    public void WaitValue(DeviceBuffer word, long offset, uint value)
+    {
+        ulong at = word.At(offset, sizeof(uint));
+        Bind();
+        Interop.Cuda.StreamWaitValue32(Handle, at, value, 0).ThrowIfFailed();
+    }
+
+    /// <summary>Writes <paramref name="value"/> to the 32-bit word at <paramref name="offset"/> once the stream's earlier work is done.</summary>
+    public void WriteValue(DeviceBuffer word, long offset, uint value)
+    {
+        ulong at = word.At(offset, sizeof(uint));
+        Bind();
+        Interop.Cuda.StreamWriteValue32(Handle, at, value, 0).ThrowIfFailed();
+    }
+
     /// <summary>Blocks the calling thread until the stream's work is done.</summary>
     public void Synchronize()
     {

@@ -147,8 +147,10 @@ public sealed class RegionLayout
     /// <summary>
     /// Copies that move every tensor (or those named by <paramref name="only"/>) from <paramref name="from"/>'s
     /// placement to <paramref name="to"/>'s: tensors that follow each other with the same gap in both become one run.
+    /// Gaps are copied too, so <paramref name="joinGaps"/> false keeps runs to tensors that touch, for destinations
+    /// whose gaps may belong to something else (an engine's GPU memory).
     /// </summary>
-    public static List<CopyRun> CopyRuns(RegionLayout from, RegionLayout to, IEnumerable<string>? only = null)
+    public static List<CopyRun> CopyRuns(RegionLayout from, RegionLayout to, IEnumerable<string>? only = null, bool joinGaps = true)
     {
         if (from.Mismatch(to) is { } problem)
             throw new LayoutException($"the layouts hold different tensors: {problem}");
@@ -165,7 +167,7 @@ public sealed class RegionLayout
                 CopyRun last = runs[^1];
                 long gap = source.Offset - (last.From + last.Bytes);
                 // Joined only when the gap is the same in both regions and small: the gap's bytes are copied too.
-                if (gap >= 0 && gap < PackedAlignment && destination.Offset == last.To + last.Bytes + gap)
+                if (gap >= 0 && gap < (joinGaps ? PackedAlignment : 1) && destination.Offset == last.To + last.Bytes + gap)
                 {
                     runs[^1] = last with { Bytes = last.Bytes + gap + source.Bytes };
                     continue;

@@ -431,6 +431,56 @@ public sealed partial class LifecycleTests
     }
 
     [Fact]
+    public async Task GPU_regions_are_checked_and_an_agent_on_the_host_backend_refuses_them_saying_why()
+    {
+        await using TestAgent agent = TestAgent.Start();
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+        Assert.True(Publish(publisher, 1).Ok);
+        ulong state = agent.Core!.Table.ReadState(0);
+
+        string tensors = "[{\"name\":\"w\",\"dtype\":\"F32\",\"shape\":[16],\"offset\":0},{\"name\":\"v\",\"dtype\":\"F32\",\"shape\":[16],\"offset\":4096}]";
+        string handle = Convert.ToHexString(TestData.Random(64, TestData.NewSeed()));
+        string Gpu(string name, params (long Bytes, long At)[] segments) =>
+            $"{{\"name\":\"{name}\",\"cuda\":[{string.Join(",", segments.Select(s => $"{{\"handle\":\"{handle}\",\"offset\":0,\"bytes\":{s.Bytes},\"at\":{s.At}}}"))}]}}";
+        string Refusal(string role, string regions, string mode, int gates)
+        {
+            var pages = Enumerable.Range(0, gates).Select(_ => SharedRegion.CreateAnonymous("gate", 4096, @sealed: true)).ToList();
+            try
+            {
+                using var socket = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified);
+                socket.Connect(new System.Net.Sockets.UnixDomainSocketEndPoint(agent.SocketPath));
+                string hello = $"{{\"role\":\"{role}\",\"weight_set\":\"gpu\",\"tensors\":{tensors},\"regions\":[{regions}],\"mode\":\"{mode}\"}}\n";
+                FdPassing.Send(socket, System.Text.Encoding.UTF8.GetBytes(hello), pages.Select(p => p.Descriptor).ToArray());
+                byte[] reply = new byte[4096];
+                int n = socket.Receive(reply);
+                using var answer = System.Text.Json.JsonDocument.Parse(reply.AsMemory(0, n));
+                Assert.False(answer.RootElement.GetProperty("ok").GetBoolean());
+                return answer.RootElement.GetProperty("error").GetString()!;
+            }
+            finally
+            {
+                foreach (SharedRegion page in pages)
+                    page.Dispose();
+            }
+        }
+
+        string slot0 = Gpu("slot0", (8192, 0)), slot1 = Gpu("slot1", (4096, 0), (4096, 4096 + 256));
+        Assert.Contains("a consumer with GPU regions also sends its gate, last: a memfd named 'gate'", Refusal("consumer", $"{slot0},{slot1}", "flip", 0));
+        Assert.Contains("GPU memory (a CUDA IPC handle), which the host backend cannot open", Refusal("consumer", $"{slot0},{slot1},\"gate\"", "flip", 1));
+        Assert.Contains("GPU memory (a CUDA IPC handle), which the host backend cannot open", Refusal("publisher", Gpu("tensors", (8192, 0)), "flip", 0));
+        Assert.Contains("region 'slot1' allocation 1: at 4100 must be at least 256 bytes past the end of the one before (4096)",
+            Refusal("consumer", $"{slot0},{Gpu("slot1", (4096, 0), (4096, 4100))},\"gate\"", "flip", 1));
+        Assert.Contains("region 'weights' allocation 0: bytes must be positive", Refusal("consumer", $"{Gpu("weights", (0, 0))},\"gate\"", "copy-in", 1));
+        Assert.Contains("region 'weights' allocation 0: handle:", Refusal("consumer", $"{Gpu("weights", (8192, 0)).Replace(handle, "xyz")},\"gate\"", "copy-in", 1));
+        Assert.Contains("region 'gate' is a gate, which only a consumer with GPU regions sends", Refusal("consumer", "\"weights\",\"gate\"", "copy-in", 2));
+        Assert.Contains("regions[0] must be a name (shared memory sent as a descriptor) or an object", Refusal("consumer", "17,\"gate\"", "copy-in", 1));
+
+        Assert.Equal(state, agent.Core.Table.ReadState(0));
+        Assert.Empty(agent.Core.Versions.Consumers("llama"));
+        Assert.True(Publish(publisher, 2).Ok);
+    }
+
+    [Fact]
     public async Task An_agent_killed_in_the_middle_of_updates_restarts_and_every_consumer_stays_on_a_good_version()
     {
         var model = new SyntheticModel(4, 256, 688, 8192, 4, 2); // about 14 MB: an update takes tens of milliseconds here

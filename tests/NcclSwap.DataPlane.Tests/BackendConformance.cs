@@ -124,4 +124,105 @@ internal static class BackendConformance
         backend.Download(buffer, 0, after);
         Assert.Equal(original, after);
     }
+    /// <summary>
+    /// Buffers seen as one <see cref="SegmentedBuffer"/>: copies and digests of ranges in any segment equal those
+    /// of the segment itself and the CPU's; a range that spans a gap or two segments is refused.
+    /// </summary>
+    public static void SegmentsCopyAndDigestLikeTheirParts(IBackend backend, int seed)
+    {
+        var random = new Random(seed);
+        int[] sizes = [1_048_573, 4099, 65_537];
+        long[] at = [0, 1_048_573 + 300, 1_048_573 + 300 + 4099 + 256];
+        var parts = new List<(long At, IDeviceBuffer Buffer)>();
+        var data = new List<byte[]>();
+        try
+        {
+            for (int i = 0; i < sizes.Length; i++)
+            {
+                byte[] bytes = TestData.Random(sizes[i], random.Next());
+                IDeviceBuffer part = backend.Allocate(sizes[i]);
+                backend.Upload(bytes, part);
+                parts.Add((at[i], part));
+                data.Add(bytes);
+            }
+            using var segmented = new SegmentedBuffer(parts, "test region");
+            parts = [];
+            var ranges = new List<(long Offset, long Length)> { (at[0] + 17, 100_000), (at[1], 4099), (at[2] + 65_000, 537), (at[1] + 1, 0), (at[0], 1_048_573) };
+            Digest[] digests = SegmentedBuffer.Digests(backend, segmented, ranges);
+            for (int i = 0; i < ranges.Count; i++)
+            {
+                int part = Array.FindLastIndex(at, a => a <= ranges[i].Offset);
+                byte[] bytes = data[part].AsSpan((int)(ranges[i].Offset - at[part]), (int)ranges[i].Length).ToArray();
+                Assert.True(BlockDigest.Compute(bytes) == digests[i], $"range {i}, seed {seed}");
+            }
+
+            using IDeviceBuffer flat = backend.Allocate(8192);
+            using (ICopyStream stream = backend.CreateStream())
+            {
+                SegmentedBuffer.CopyAsync(stream, flat, 0, segmented, at[1], 4099);
+                SegmentedBuffer.CopyAsync(stream, flat, 4099, segmented, at[2] + 10, 4000);
+                SegmentedBuffer.CopyAsync(stream, segmented, at[0] + 5, flat, 0, 1000); // into a segment, too
+                stream.Synchronize();
+            }
+            byte[] copied = new byte[8099];
+            backend.Download(flat, 0, copied);
+            Assert.True(copied.AsSpan(0, 4099).SequenceEqual(data[1]), $"seed {seed}");
+            Assert.True(copied.AsSpan(4099, 4000).SequenceEqual(data[2].AsSpan(10, 4000)), $"seed {seed}");
+            Assert.True(SegmentedBuffer.Digests(backend, segmented, [(at[0] + 5, 1000)])[0] == BlockDigest.Compute(data[1].AsSpan(0, 1000)), $"seed {seed}");
+
+            Assert.False(SegmentedBuffer.Holds(segmented, at[1] - 10, 20)); // the gap before segment 1
+            Assert.False(SegmentedBuffer.Holds(segmented, at[1] + 4000, 400)); // past segment 1's end
+            Assert.True(SegmentedBuffer.Holds(segmented, at[2], 65_537));
+            var e = Assert.Throws<ArgumentOutOfRangeException>(() => segmented.Resolve(at[0] + 1_048_500, 200));
+            Assert.Contains("does not lie within one of its segments", e.Message);
+        }
+        finally
+        {
+            foreach (var (_, part) in parts)
+                part.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// A stream waits for a 32-bit word of mapped host memory that the CPU writes later, and writes one after its
+    /// copies, which the CPU then reads with the copy's bytes in place (the gate of a GPU consumer).
+    /// </summary>
+    public static unsafe void StreamsWaitForAndWriteWords(IBackend backend, int seed)
+    {
+        nint page = (nint)System.Runtime.InteropServices.NativeMemory.AlignedAlloc(4096, 4096);
+        try
+        {
+            new Span<byte>((void*)page, 4096).Clear();
+            byte[] data = TestData.Random(1 << 20, seed);
+            using IDeviceBuffer words = backend.MapHost(page, 4096, readOnly: false, "gate");
+            using IDeviceBuffer source = backend.Allocate(data.Length);
+            using IDeviceBuffer target = backend.Allocate(data.Length);
+            backend.Upload(data, source);
+            using ICopyStream stream = backend.CreateStream();
+            using IDeviceEvent copied = backend.CreateEvent();
+            long written = 0;
+            var writer = Task.Run(() =>
+            {
+                Thread.Sleep(200);
+                written = System.Diagnostics.Stopwatch.GetTimestamp();
+                Volatile.Write(ref *(uint*)page, 7u); // past 5: a cyclic greater-or-equal lets it through
+            });
+            stream.WaitValue(words, 0, 5);
+            stream.CopyAsync(target, 0, source, 0, data.Length);
+            stream.WriteValue(words, 64, 3);
+            stream.Record(copied);
+            copied.Synchronize();
+            long finished = System.Diagnostics.Stopwatch.GetTimestamp();
+            writer.Wait();
+            Assert.True(written != 0 && written <= finished, "the copy ran before the word it waited for was written");
+            Assert.Equal(3u, Volatile.Read(ref *(uint*)(page + 64)));
+            byte[] result = new byte[data.Length];
+            backend.Download(target, 0, result);
+            Assert.True(result.AsSpan().SequenceEqual(data), $"seed {seed}");
+        }
+        finally
+        {
+            System.Runtime.InteropServices.NativeMemory.AlignedFree((void*)page);
+        }
+    }
 }

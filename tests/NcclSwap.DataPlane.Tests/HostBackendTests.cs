@@ -42,6 +42,30 @@ public class HostBackendTests
     }
 
     [Fact]
+    public void Segmented_buffers_copy_and_digest_like_their_parts()
+    {
+        using var backend = new HostBackend();
+        BackendConformance.SegmentsCopyAndDigestLikeTheirParts(backend, TestData.NewSeed());
+    }
+
+    [Fact]
+    public void A_stream_waits_for_a_word_written_later_and_writes_one_after_its_copies()
+    {
+        using var backend = new HostBackend();
+        BackendConformance.StreamsWaitForAndWriteWords(backend, TestData.NewSeed());
+    }
+
+    [Fact]
+    public void GPU_memory_by_IPC_handle_is_refused_by_the_host_backend_saying_how_to_fix_it()
+    {
+        using var backend = new HostBackend();
+        var e = Assert.Throws<NotSupportedException>(() => backend.OpenIpc(default, 0, 4096, "region 'slot0' allocation 0"));
+        Assert.Contains("region 'slot0' allocation 0 is GPU memory", e.Message);
+        Assert.Contains("run the agent with the cuda backend", e.Message);
+        Assert.Null(backend.DeviceMemory);
+    }
+
+    [Fact]
     public void A_buffer_of_another_backend_is_refused_by_name()
     {
         using var backend = new HostBackend();

@@ -31,4 +31,20 @@ public class CudaBackendTests
         using var backend = new CudaBackend(0);
         BackendConformance.RefusesOutOfRangeCopiesAndChangesNothing(backend);
     }
+
+    [Fact]
+    public void Segmented_buffers_copy_and_digest_like_their_parts()
+    {
+        Gpu.RequireContext().Dispose();
+        using var backend = new CudaBackend(0);
+        BackendConformance.SegmentsCopyAndDigestLikeTheirParts(backend, TestData.NewSeed());
+    }
+
+    [Fact]
+    public void A_stream_waits_on_the_gpu_for_a_word_the_cpu_writes_later_and_writes_one_after_its_copies()
+    {
+        Gpu.RequireContext().Dispose();
+        using var backend = new CudaBackend(0);
+        BackendConformance.StreamsWaitForAndWriteWords(backend, TestData.NewSeed());
+    }
 }

@@ -41,6 +41,8 @@ public class RegionLayoutTests
         RegionLayout scattered = RegionLayout.Create([("a", "F32", [10], 4096), ("b", "F16", [129], 4352), ("c", "U8", [300], 0)]);
         Assert.Equal([new CopyRun(0, 4096, 256 + 258), new CopyRun(768, 0, 300)], RegionLayout.CopyRuns(packed, scattered));
         Assert.Equal([new CopyRun(768, 0, 300)], RegionLayout.CopyRuns(packed, scattered, ["c"]));
+        // Into memory whose gaps may belong to something else, only tensors that touch share a run.
+        Assert.Equal([new CopyRun(0, 4096, 40), new CopyRun(256, 4352, 258), new CopyRun(768, 0, 300)], RegionLayout.CopyRuns(packed, scattered, joinGaps: false));
 
         // Moving bytes by the runs puts every tensor's bytes where the other layout says.
         byte[] from = TestData.Random((int)packed.Length, seed: 11);

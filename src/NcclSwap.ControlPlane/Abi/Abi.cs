@@ -153,6 +153,16 @@ public struct Response
     [FieldOffset(32)] public PayloadBytes Detail;
 }
 
+/// <summary><c>nccl_swap_gate</c>: the words a GPU consumer's stream and the agent's stream order copy-ins and switches with.</summary>
+[NativeStruct("nccl_swap_gate")]
+[StructLayout(LayoutKind.Explicit, Size = 256)]
+public struct Gate
+{
+    [FieldOffset(0)] public uint Quiesced;
+    [FieldOffset(64)] public uint Done;
+    [FieldOffset(128)] public uint Passed;
+}
+
 /// <summary>Names the C struct of the ABI header that a C# struct mirrors.</summary>
 [AttributeUsage(AttributeTargets.Struct)]
 public sealed class NativeStructAttribute(string name) : Attribute

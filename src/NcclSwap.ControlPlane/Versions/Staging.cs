@@ -4,31 +4,49 @@ using NcclSwap.WeightSets;
 
 namespace NcclSwap.ControlPlane.Versions;
 
+/// <summary>Where a weight set's staging buffers live.</summary>
+internal enum StagingPlace
+{
+    /// <summary>Files in the staging directory, page-locked for the GPU: they survive a restart of the agent.</summary>
+    HostFiles,
+
+    /// <summary>Device memory: copies run at device speed, but a restart of the agent loses them.</summary>
+    Device,
+}
+
 /// <summary>
 /// One staging buffer: a file in the staging directory (a tmpfs such as /run or /dev/shm), mapped into the agent
-/// and into the backend's address space. Files outlive the agent's process, so after a crash or restart the
-/// versions they hold can be checked against their manifests and used again (rollback, new consumers, copy-in).
+/// and into the backend's address space, or device memory. Files outlive the agent's process, so after a crash or
+/// restart the versions they hold can be checked against their manifests and used again (rollback, new consumers,
+/// copy-in); device memory does not.
 /// </summary>
 internal sealed class StagingBuffer : IDisposable
 {
-    private readonly SharedRegion _region;
+    private readonly SharedRegion? _region;
 
-    private StagingBuffer(string path, SharedRegion region, IDeviceBuffer buffer)
+    private StagingBuffer(string path, SharedRegion? region, IDeviceBuffer buffer)
     {
         Path = path;
         _region = region;
         Buffer = buffer;
     }
 
+    /// <summary>The file (or, in device memory, a name that shows in messages).</summary>
     public string Path { get; }
 
     public string FileName => System.IO.Path.GetFileName(Path);
 
-    public long Length => _region.Length;
+    public long Length => Buffer.Length;
 
     public IDeviceBuffer Buffer { get; }
 
+    public StagingPlace Place => _region is null ? StagingPlace.Device : StagingPlace.HostFiles;
+
     public string ManifestPath => Path + ".manifest";
+
+    /// <summary>A new buffer of <paramref name="length"/> bytes in device memory, known as <paramref name="name"/>.</summary>
+    public static StagingBuffer Allocate(string name, long length, IBackend backend) =>
+        new(name, null, backend.Allocate(Math.Max(length, 4096)));
 
     /// <summary>A new file of <paramref name="length"/> bytes (at least one page, so that empty weight sets map too).</summary>
     public static StagingBuffer Create(string path, long length, IBackend backend)
@@ -56,6 +74,8 @@ internal sealed class StagingBuffer : IDisposable
     /// <summary>Records which version the file holds (its canonical manifest), replacing the file atomically.</summary>
     public void WriteManifest(Manifest manifest)
     {
+        if (Place == StagingPlace.Device)
+            return; // nothing to find again after a restart
         string partial = ManifestPath + ".partial";
         File.WriteAllBytes(partial, manifest.CanonicalBytes.ToArray());
         File.Move(partial, ManifestPath, overwrite: true);
@@ -66,13 +86,15 @@ internal sealed class StagingBuffer : IDisposable
     public void Dispose()
     {
         Buffer.Dispose();
-        _region.Dispose();
+        _region?.Dispose();
     }
 
     /// <summary>Disposes the buffer and removes its files.</summary>
     public void Delete()
     {
         Dispose();
+        if (Place == StagingPlace.Device)
+            return;
         File.Delete(Path);
         File.Delete(ManifestPath);
     }
@@ -140,14 +162,19 @@ internal sealed class StagingPool(string directory, string prefix, IBackend back
 
     public string Prefix { get; } = prefix;
 
+    /// <summary>Where new buffers go; buffers already made stay where they are until returned.</summary>
+    public StagingPlace Place { get; set; } = StagingPlace.HostFiles;
+
     public StagingBuffer Acquire(long length)
     {
         lock (_lock)
         {
             long size = Math.Max(length, 4096);
-            StagingBuffer? buffer = _idle.FirstOrDefault(b => b.Length == size);
+            StagingBuffer? buffer = _idle.FirstOrDefault(b => b.Length == size && b.Place == Place);
             if (buffer is not null)
                 _idle.Remove(buffer);
+            else if (Place == StagingPlace.Device)
+                buffer = StagingBuffer.Allocate($"{Prefix}.{_next++} (GPU)", length, backend);
             else
             {
                 string path;
@@ -174,8 +201,10 @@ internal sealed class StagingPool(string directory, string prefix, IBackend back
         {
             if (!_lent.Remove(buffer))
                 return;
-            File.Delete(buffer.ManifestPath); // it no longer holds a version that can be trusted
-            if (_idle.Count < MaxIdle)
+            if (buffer.Place == StagingPlace.HostFiles)
+                File.Delete(buffer.ManifestPath); // it no longer holds a version that can be trusted
+            // Device memory is scarce: one idle buffer there (the next snapshot's), MaxIdle files.
+            if (_idle.Count < (Place == StagingPlace.Device ? 1 : MaxIdle) && buffer.Place == Place)
                 _idle.Add(buffer);
             else
                 buffer.Delete();

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Runtime.InteropServices;
 using System.Text.Json;
 using Microsoft.Extensions.Logging;
 using Microsoft.Win32.SafeHandles;
@@ -48,6 +49,8 @@ internal sealed class WeightSetLifecycle : IDisposable
     private volatile bool _stopping;
     private int _background; // snapshots and copy-ins running on the thread pool
     private WeightSetState _persisted;
+    private string? _placement; // where staging went and why, decided at the first snapshot
+    private double _snapshotRate; // bytes per second of the last snapshot
 
     public WeightSetLifecycle(VersionManager manager, string name, int row, WeightSetState? persisted)
     {
@@ -99,24 +102,30 @@ internal sealed class WeightSetLifecycle : IDisposable
             return (new SessionWelcome(Row, ActiveState), null); // a session that registers nothing: ping, status
         RegionLayout layout = hello.Layout;
         var regions = new List<ClientRegion>();
+        ConsumerGate? gate = null;
+        int used = 0; // descriptors taken over so far
         try
         {
             bool writable = session.Role == Role.Consumer;
-            for (int i = 0; i < descriptors.Count; i++)
-                regions.Add(ClientRegion.Map(descriptors[i], hello.RegionNames[i], writable, layout.Length, Backend));
+            foreach (RegionSpec spec in hello.Regions)
+                regions.Add(spec.IsDevice
+                    ? ClientRegion.Open(spec, layout, Backend)
+                    : ClientRegion.Map(descriptors[used++], spec.Name, writable, layout.Length, Backend));
+            if (hello.Gate is { } g)
+                gate = new ConsumerGate(ClientRegion.Map(descriptors[used++], g.Name, writable: true, Marshal.SizeOf<Gate>(), Backend));
         }
         catch
         {
             foreach (ClientRegion region in regions)
                 region.Dispose();
-            foreach (SafeFileHandle descriptor in descriptors.Skip(regions.Count))
+            foreach (SafeFileHandle descriptor in descriptors.Skip(used))
                 descriptor.Dispose();
             throw;
         }
 
         Registration registration = session.Role == Role.Publisher
             ? new PublisherRegistration(session, layout, regions[0])
-            : new ConsumerRegistration(session, layout, hello.Mode, [.. regions], hello.Serving);
+            : new ConsumerRegistration(session, layout, hello.Mode, [.. regions], gate, hello.Serving);
         try
         {
             lock (_membership)
@@ -249,7 +258,14 @@ internal sealed class WeightSetLifecycle : IDisposable
                 if (registration is not ConsumerRegistration { Mode: ConsumerMode.CopyIn } copyIn)
                     return Messages.NewResponse(request, Abi.Status.Invalid, "copy-in is for consumers registered in copy-in mode");
                 Request copy = request;
-                Background(() => CopyIn(copyIn, copy, dispatcher));
+                if (copyIn.Gate is { } gate)
+                {
+                    if (request.Version is 0 or > uint.MaxValue)
+                        return Messages.NewResponse(request, Abi.Status.Invalid, $"a gated copy-in's version must be its sequence number in [1, 2^32), not {request.Version}");
+                    Background(() => CopyInGated(copyIn, gate, copy, dispatcher));
+                }
+                else
+                    Background(() => CopyIn(copyIn, copy, dispatcher));
                 return null;
             case RequestKind.Rollback:
                 return Rollback(session, request, dispatcher);
@@ -325,15 +341,17 @@ internal sealed class WeightSetLifecycle : IDisposable
                 try
                 {
                     RegionLayout packed = _layout!;
-                    buffer = _pool.Acquire(packed.Length);
+                    _placement ??= Place(publisher, packed.Length);
+                    buffer = AcquireStaging(packed.Length);
                     Copy(publisher.Region.Buffer, buffer.Buffer, RegionLayout.CopyRuns(publisher.Layout, packed));
-                    manifest = publisher.Layout.ToManifest(Backend.Digests(publisher.Region.Buffer, Ranges(publisher.Layout)));
+                    manifest = publisher.Layout.ToManifest(SegmentedBuffer.Digests(Backend, publisher.Region.Buffer, Ranges(publisher.Layout)));
                 }
                 finally
                 {
                     publisher.Exit();
                 }
                 outcome.Snapshot = clock.Elapsed;
+                _snapshotRate = outcome.Bytes / Math.Max(outcome.Snapshot.TotalSeconds, 1e-9);
                 job = job with { Source = new StagedVersion(outcome.Version, manifest, buffer, _pool) };
                 buffer = null;
                 Job? superseded = null;
@@ -358,6 +376,54 @@ internal sealed class WeightSetLifecycle : IDisposable
             Finish(job, result, status, detail);
             if (job.WaitFor is null)
                 dispatcher.Reply(job.Session, Messages.NewResponse(job.Request, status, detail));
+        }
+    }
+
+    /// <summary>
+    /// Decides where staging goes: device memory when the publisher's tensors are on the GPU and three buffers (the
+    /// active version, the last good one and the next) fit with room to spare; otherwise page-locked host files,
+    /// where copies run at the host link's speed. Says what it chose and why.
+    /// </summary>
+    private string Place(PublisherRegistration publisher, long length)
+    {
+        const int buffers = 3;
+        string why;
+        if (!publisher.Region.IsDevice)
+            why = "the publisher's tensors are in host memory";
+        else if (Backend.DeviceMemory is not { } memory)
+            why = "this backend has no device memory";
+        else
+        {
+            long needed = checked(buffers * length);
+            long spare = Math.Max(1L << 30, memory.Total / 20);
+            if (memory.Free - needed >= spare)
+            {
+                _pool.Place = StagingPlace.Device;
+                string chose = $"staging in GPU memory: {buffers} × {Units.Bytes(length)} of {Units.Bytes(memory.Free)} free; a restart of the agent loses it (consumers keep their own copies)";
+                Log.LogInformation("{Set}: {Placement}", Name, chose);
+                return chose;
+            }
+            why = $"{buffers} × {Units.Bytes(length)} would leave less than {Units.Bytes(spare)} of the GPU's {Units.Bytes(memory.Free)} free";
+        }
+        _pool.Place = StagingPlace.HostFiles;
+        string placement = $"staging in page-locked host files ({why}): copies between them and the GPU run at the host link's speed";
+        Log.LogInformation("{Set}: {Placement}", Name, placement);
+        return placement;
+    }
+
+    /// <summary>A staging buffer where <see cref="Place"/> said; if the device runs out meanwhile, host files from then on.</summary>
+    private StagingBuffer AcquireStaging(long length)
+    {
+        try
+        {
+            return _pool.Acquire(length);
+        }
+        catch (NcclSwap.Cuda.CudaException e) when (_pool.Place == StagingPlace.Device)
+        {
+            _pool.Place = StagingPlace.HostFiles;
+            _placement = $"staging in page-locked host files: GPU memory ran out ({e.Message})";
+            Log.LogWarning("{Set}: {Placement}", Name, _placement);
+            return _pool.Acquire(length);
         }
     }
 
@@ -439,6 +505,104 @@ internal sealed class WeightSetLifecycle : IDisposable
         dispatcher.Reply(consumer.Session.Id, response);
     }
 
+    /// <summary>
+    /// A copy-in whose consumer does not wait: the agent's stream waits for the consumer's stream to write
+    /// "quiesced" = N in the gate, copies the active version in, and writes "done" = N, which the consumer's stream
+    /// waits for; so the engine's pause is the copy alone. The bytes are checked after "done" (the check is not
+    /// part of the pause): a mismatch is answered as corrupt and the consumer copies in again at its next step.
+    /// Whatever happens, "done" is written, so that the consumer's stream never waits forever.
+    /// </summary>
+    private void CopyInGated(ConsumerRegistration consumer, ConsumerGate gate, Request request, RequestDispatcher dispatcher)
+    {
+        uint sequence = (uint)request.Version;
+        StagedVersion? source;
+        ulong state;
+        lock (_refs)
+        {
+            state = _activeState;
+            source = _active?.AddReference();
+        }
+        bool released = false; // "done" written (or queued on a stream that completed)
+        Response? response = null;
+        try
+        {
+            if (state == 0 || source is null)
+                response = Messages.NewResponse(request, Abi.Status.NotFound, state == 0
+                    ? $"no version of '{Name}' is active yet"
+                    : $"the bytes of version {VersionEntry.UnpackState(state).Version} were lost at a restart; the next version will do");
+            else if (!consumer.TryEnter())
+                return; // it left: nobody to answer, and nobody waits on its gate
+            else
+            {
+                try
+                {
+                    var clock = Stopwatch.StartNew();
+                    ClientRegion target = consumer.Slot(0);
+                    using (ICopyStream stream = Backend.CreateStream())
+                    using (IDeviceEvent copied = Backend.CreateEvent())
+                    {
+                        stream.WaitValue(gate.Region.Buffer, ConsumerGate.QuiescedOffset, sequence);
+                        foreach (CopyRun run in RegionLayout.CopyRuns(source.Layout, consumer.Layout, joinGaps: false))
+                            SegmentedBuffer.CopyAsync(stream, target.Buffer, run.To, source.Buffer.Buffer, run.From, run.Bytes);
+                        stream.WriteValue(gate.Region.Buffer, ConsumerGate.DoneOffset, sequence);
+                        stream.Record(copied);
+                        WaitForGate(consumer, gate, sequence, copied);
+                        released = true;
+                    }
+                    TimeSpan copy = clock.Elapsed;
+                    List<string> bad = Mismatches(target.Buffer, consumer.Layout, source.Manifest);
+                    if (bad.Count == 0)
+                    {
+                        consumer.Acknowledge(state);
+                        response = Messages.NewResponse(request with { Version = state }, Abi.Status.Ok, $"copied in {copy.TotalMilliseconds:0.00} ms, checked");
+                    }
+                    else
+                    {
+                        response = Messages.NewResponse(request, Abi.Status.Corrupt, $"tensor '{bad[0]}' does not match its digest after the copy-in; copy in again");
+                        Log.LogError("{Set}: copy-in {Sequence} of version {Version} into {Who}: {Count} tensor(s) do not match their digests (first: '{Tensor}')",
+                            Name, sequence, source.Version, consumer, bad.Count, bad[0]);
+                    }
+                }
+                finally
+                {
+                    consumer.Exit();
+                }
+            }
+        }
+        catch (Exception e)
+        {
+            response = Messages.NewResponse(request, Abi.Status.Busy, $"copy-in failed: {e.Message}");
+            Log.LogError(e, "{Set}: copy-in {Sequence} into {Who} failed", Name, sequence, consumer);
+        }
+        finally
+        {
+            if (!released)
+                gate.Release(ConsumerGate.DoneOffset, sequence); // nothing (more) will come from the agent's stream
+            source?.Release();
+        }
+        if (response is { } answer && !consumer.IsGone)
+            dispatcher.Reply(consumer.Session.Id, answer);
+    }
+
+    /// <summary>
+    /// Waits (on this worker, never on the consumer's host thread) until the gated copy has run. If the consumer
+    /// goes away before its stream quiesced, the agent writes "quiesced" itself so that its own stream goes on;
+    /// if it does not quiesce within the acknowledgement deadline, it is ended first.
+    /// </summary>
+    private void WaitForGate(ConsumerRegistration consumer, ConsumerGate gate, uint sequence, IDeviceEvent copied)
+    {
+        var clock = Stopwatch.StartNew();
+        var spin = new SpinWait();
+        while (!copied.IsComplete)
+        {
+            if (consumer.IsGone)
+                gate.Release(ConsumerGate.QuiescedOffset, sequence);
+            else if (clock.Elapsed > _manager.Options.AckTimeout)
+                Evict(consumer, $"its stream did not quiesce for copy-in {sequence} within {_manager.Options.AckTimeout.TotalSeconds:0.###} s");
+            spin.SpinOnce(sleep1Threshold: 32);
+        }
+    }
+
     /// <summary>Queues a return to the version that is last good now (its bytes held from this moment), ahead of any pending publish.</summary>
     private Response? Rollback(SessionInfo session, in Request request, RequestDispatcher dispatcher)
     {
@@ -468,6 +632,22 @@ internal sealed class WeightSetLifecycle : IDisposable
         return Messages.NewResponse(request, Abi.Status.Canceled, "the agent is stopping");
     }
 
+    /// <summary>
+    /// Where staging is and the pause a copy-in consumer can expect (one copy of the weights at the last snapshot's
+    /// rate; a flip consumer's is a load and a switch of views), short enough for a status answer.
+    /// </summary>
+    public string Placement
+    {
+        get
+        {
+            if (_placement is null)
+                return "staging not placed yet";
+            string where = _pool.Place == StagingPlace.Device ? "GPU" : "host";
+            double rate = _snapshotRate;
+            return rate > 0 && _layout is { } layout ? $"staging {where}, copy-in ~{layout.TotalBytes / rate * 1e3:0.0} ms" : $"staging {where}";
+        }
+    }
+
     private Response StatusOf(in Request request)
     {
         if (request.Version == 0)
@@ -477,7 +657,7 @@ internal sealed class WeightSetLifecycle : IDisposable
             lock (_queue)
                 pending = (_pending is null ? 0 : 1) + _rollbacks.Count;
             return Messages.NewResponse(request with { Version = state }, Abi.Status.Ok,
-                $"active {VersionEntry.UnpackState(state).Version}, last good {_lastGoodVersion}, {pending} queued, {Consumers.Count} consumer(s)");
+                $"active {VersionEntry.UnpackState(state).Version}, last good {_lastGoodVersion}, {pending} queued, {Consumers.Count} consumer(s), {Placement}");
         }
         ulong version = request.Version;
         UpdateOutcome? outcome;
@@ -609,7 +789,9 @@ internal sealed class WeightSetLifecycle : IDisposable
                 break;
             }
             StopCheck();
-            _acknowledged.WaitOne(left < TimeSpan.FromMilliseconds(50) ? left : TimeSpan.FromMilliseconds(50));
+            // An acknowledgement rings; a gate's word, written by a GPU stream, does not: poll those often.
+            TimeSpan poll = TimeSpan.FromMilliseconds(readers.Any(r => r.Gate is not null) ? 1 : 50);
+            _acknowledged.WaitOne(left < poll ? left : poll);
         }
         outcome.AckWait += clock.Elapsed;
     }
@@ -672,7 +854,9 @@ internal sealed class WeightSetLifecycle : IDisposable
         }
     }
 
-    private static StagedFile Staged(StagedVersion version) => new(version.Version, version.Buffer.FileName, version.Manifest.Digest.Value);
+    /// <summary>What the state file says of a staged version: its file, or nothing for device memory, which a restart loses.</summary>
+    private static StagedFile? Staged(StagedVersion version) =>
+        version.Buffer.Place == StagingPlace.Device ? null : new(version.Version, version.Buffer.FileName, version.Manifest.Digest.Value);
 
     /// <summary>
     /// Copies <paramref name="source"/> into <paramref name="consumer"/>'s slot and checks every tensor there
@@ -683,7 +867,7 @@ internal sealed class WeightSetLifecycle : IDisposable
     {
         ClientRegion target = consumer.Slot(slot);
         var clock = Stopwatch.StartNew();
-        Copy(source.Buffer.Buffer, target.Buffer, RegionLayout.CopyRuns(source.Layout, consumer.Layout));
+        Copy(source.Buffer.Buffer, target.Buffer, RegionLayout.CopyRuns(source.Layout, consumer.Layout, joinGaps: !target.IsDevice));
         if (outcome is not null)
             outcome.Stage += clock.Elapsed;
         for (int attempt = 0; ; attempt++)
@@ -699,7 +883,7 @@ internal sealed class WeightSetLifecycle : IDisposable
             Log.LogWarning("{Set}: version {Version}: {Count} tensor(s) in {Who}'s '{Region}' do not match their digests (first: '{Tensor}'); sending them again",
                 Name, source.Version, bad.Count, consumer, target.Name, bad[0]);
             clock.Restart();
-            Copy(source.Buffer.Buffer, target.Buffer, RegionLayout.CopyRuns(source.Layout, consumer.Layout, bad));
+            Copy(source.Buffer.Buffer, target.Buffer, RegionLayout.CopyRuns(source.Layout, consumer.Layout, bad, joinGaps: !target.IsDevice));
             if (outcome is not null)
             {
                 outcome.Stage += clock.Elapsed;
@@ -712,14 +896,14 @@ internal sealed class WeightSetLifecycle : IDisposable
     {
         using ICopyStream stream = Backend.CreateStream();
         foreach (CopyRun run in runs)
-            stream.CopyAsync(to, run.To, from, run.From, run.Bytes);
+            SegmentedBuffer.CopyAsync(stream, to, run.To, from, run.From, run.Bytes);
         stream.Synchronize();
     }
 
     /// <summary>The tensors of <paramref name="layout"/> in <paramref name="buffer"/> whose digest differs from the manifest's.</summary>
     private List<string> Mismatches(IDeviceBuffer buffer, RegionLayout layout, Manifest manifest)
     {
-        Digest[] digests = Backend.Digests(buffer, Ranges(layout));
+        Digest[] digests = SegmentedBuffer.Digests(Backend, buffer, Ranges(layout));
         var bad = new List<string>();
         for (int i = 0; i < digests.Length; i++)
         {

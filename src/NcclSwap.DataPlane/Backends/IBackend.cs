@@ -32,6 +32,17 @@ public interface IBackend : IDisposable
     /// </summary>
     IDeviceBuffer MapHost(nint pointer, long length, bool readOnly, string name);
 
+    /// <summary>
+    /// <paramref name="length"/> bytes at <paramref name="offset"/> of another process's device allocation, opened
+    /// from its CUDA IPC handle (which names the allocation from its base). Throws <see cref="NotSupportedException"/>
+    /// on a backend without a GPU, and <see cref="ArgumentException"/> when the range does not fit the allocation.
+    /// The allocation stays usable until the buffer is disposed, even if its owner frees it meanwhile.
+    /// </summary>
+    IDeviceBuffer OpenIpc(CuIpcMemHandle handle, long offset, long length, string name);
+
+    /// <summary>Free and total device memory now, for placement decisions; null where "device" memory is host memory.</summary>
+    (long Free, long Total)? DeviceMemory { get; }
+
     /// <summary>The <see cref="BlockDigest"/> of each range of <paramref name="buffer"/>, in order, computed where the backend computes (the GPU for CUDA); waits for them.</summary>
     Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges);
 
@@ -72,6 +83,16 @@ public interface ICopyStream : IDisposable
 
     /// <summary>Later work on this stream waits for <paramref name="event"/>; the host does not block.</summary>
     void Wait(IDeviceEvent @event);
+
+    /// <summary>
+    /// Later work on this stream waits until the 32-bit word at <paramref name="offset"/> of <paramref name="word"/>
+    /// reaches <paramref name="value"/> (cyclic: <c>(int)(word - value) &gt;= 0</c>), written by anyone: another
+    /// process's stream or CPU. The host does not block on a GPU; a host stream blocks the issuing thread.
+    /// </summary>
+    void WaitValue(IDeviceBuffer word, long offset, uint value);
+
+    /// <summary>Writes <paramref name="value"/> to the 32-bit word at <paramref name="offset"/> once the stream's earlier work is done (with a fence: its writes are visible first).</summary>
+    void WriteValue(IDeviceBuffer word, long offset, uint value);
 
     void Synchronize();
 }

@@ -35,6 +35,24 @@ public sealed class CudaBackend : IBackend
         return new CudaDeviceBuffer(mapped.Buffer, mapped, name);
     }
 
+    public IDeviceBuffer OpenIpc(CuIpcMemHandle handle, long offset, long length, string name)
+    {
+        IpcMemoryMapping mapping = IpcMemoryMapping.Open(Context, handle);
+        try
+        {
+            if (offset < 0 || length < 0 || offset > mapping.Length - length)
+                throw new ArgumentException($"{name}: the allocation its IPC handle names holds {mapping.Length} bytes, so bytes [{offset}, {offset}+{length}) are not in it", nameof(length));
+            return new CudaDeviceBuffer(mapping.View(offset, length), mapping, name);
+        }
+        catch
+        {
+            mapping.Dispose();
+            throw;
+        }
+    }
+
+    public (long Free, long Total)? DeviceMemory => Context.MemoryInfo;
+
     public Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges)
     {
         DeviceBuffer device = AsCuda(buffer);
@@ -108,6 +126,10 @@ internal sealed class CudaCopyStream(CudaStream stream) : ICopyStream
     public void Record(IDeviceEvent @event) => Stream.Record(Backend.As<CudaDeviceEvent>(@event, "cuda").Event);
 
     public void Wait(IDeviceEvent @event) => Stream.Wait(Backend.As<CudaDeviceEvent>(@event, "cuda").Event);
+
+    public void WaitValue(IDeviceBuffer word, long offset, uint value) => Stream.WaitValue(CudaBackend.AsCuda(word), offset, value);
+
+    public void WriteValue(IDeviceBuffer word, long offset, uint value) => Stream.WriteValue(CudaBackend.AsCuda(word), offset, value);
 
     public void Synchronize() => Stream.Synchronize();
 

@@ -43,6 +43,10 @@ public sealed class FlakyBackend(IBackend inner) : IBackend
 
     public IDeviceBuffer MapHost(nint pointer, long length, bool readOnly, string name) => Inner.MapHost(pointer, length, readOnly, name);
 
+    public IDeviceBuffer OpenIpc(CuIpcMemHandle handle, long offset, long length, string name) => Inner.OpenIpc(handle, offset, length, name);
+
+    public (long Free, long Total)? DeviceMemory => Inner.DeviceMemory;
+
     public Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges) => Inner.Digests(buffer, ranges);
 
     public ICopyStream CreateStream() => new FlakyStream(this, Inner.CreateStream());
@@ -115,6 +119,10 @@ public sealed class FlakyBackend(IBackend inner) : IBackend
         public void Record(IDeviceEvent @event) => inner.Record(@event);
 
         public void Wait(IDeviceEvent @event) => inner.Wait(@event);
+
+        public void WaitValue(IDeviceBuffer word, long offset, uint value) => inner.WaitValue(word, offset, value);
+
+        public void WriteValue(IDeviceBuffer word, long offset, uint value) => inner.WriteValue(word, offset, value);
 
         public void Synchronize() => inner.Synchronize();
 

@@ -26,6 +26,11 @@ public sealed class HostBackend : IBackend
 
     public IDeviceBuffer MapHost(nint pointer, long length, bool readOnly, string name) => new HostDeviceBuffer(pointer, length, name);
 
+    public IDeviceBuffer OpenIpc(CuIpcMemHandle handle, long offset, long length, string name) =>
+        throw new NotSupportedException($"{name} is GPU memory (a CUDA IPC handle), which the host backend cannot open: run the agent with the cuda backend on the machine of that GPU");
+
+    public (long Free, long Total)? DeviceMemory => null;
+
     public Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges)
     {
         HostDeviceBuffer host = AsHost(buffer);
@@ -131,6 +136,21 @@ internal sealed class HostStream : ICopyStream
     public void Record(IDeviceEvent @event) => Backend.As<HostEvent>(@event, "host").Recorded = true;
 
     public void Wait(IDeviceEvent @event) => Backend.As<HostEvent>(@event, "host");
+
+    public unsafe void WaitValue(IDeviceBuffer word, long offset, uint value)
+    {
+        uint* at = (uint*)(HostBackend.AsHost(word).Pointer + (nint)offset);
+        HostBackend.AsHost(word).CheckRange(offset, sizeof(uint));
+        var spin = new SpinWait();
+        while ((int)(Volatile.Read(ref *at) - value) < 0)
+            spin.SpinOnce(sleep1Threshold: 64);
+    }
+
+    public unsafe void WriteValue(IDeviceBuffer word, long offset, uint value)
+    {
+        HostBackend.AsHost(word).CheckRange(offset, sizeof(uint));
+        Volatile.Write(ref *(uint*)(HostBackend.AsHost(word).Pointer + (nint)offset), value);
+    }
 
     public void Synchronize()
     {

@@ -118,10 +118,24 @@ class Response(ctypes.LittleEndianStructure):
     ]
 
 
+class Gate(ctypes.LittleEndianStructure):
+    """nccl_swap_gate: the words a GPU consumer's stream and the agent's stream order copy-ins and switches with."""
+
+    _fields_ = [
+        ("quiesced", ctypes.c_uint32),
+        ("pad0", ctypes.c_uint8 * 60),
+        ("done", ctypes.c_uint32),
+        ("pad1", ctypes.c_uint8 * 60),
+        ("passed", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint8 * 124),
+    ]
+
+
 STRUCTS = {
     "nccl_swap_version_entry": VersionEntry,
     "nccl_swap_version_table": VersionTableHeader,
     "nccl_swap_ring_header": RingHeader,
     "nccl_swap_request": Request,
     "nccl_swap_response": Response,
+    "nccl_swap_gate": Gate,
 }

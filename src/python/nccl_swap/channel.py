@@ -173,12 +173,15 @@ def connect(role: str, weight_set: str, socket_path: str = DEFAULT_SOCKET, timeo
     """Opens a session as ``role`` ("publisher", "consumer" or "operator") for ``weight_set``.
 
     A publisher or consumer registers where its tensors lie (``layout``) and the regions holding them (a
-    publisher one, a flip consumer two slots, a copy-in consumer one), passed to the agent as descriptors;
+    publisher one, a flip consumer two slots, a copy-in consumer one): shared memory, passed to the agent as
+    descriptors, or GPU memory (:class:`nccl_swap.gpu.CudaRegion`, by CUDA IPC handle), then a GPU consumer's gate;
     ``mode`` is "flip" or "copy-in"; ``serving`` the state word the consumer serves already (0: none).
     """
     hello = {"role": role, "weight_set": weight_set}
+    # A region with a descriptor (shared memory) is named; a GPU region says where its allocations are itself.
+    shared = [r for r in regions if hasattr(r, "fd")]
     if layout is not None:
-        hello.update(tensors=layout.to_json(), regions=[r.name for r in regions], serving=serving)
+        hello.update(tensors=layout.to_json(), regions=[r.name if hasattr(r, "fd") else r.to_json() for r in regions], serving=serving)
         if mode is not None:
             hello["mode"] = mode
     data = json.dumps(hello).encode() + b"\n"
@@ -187,7 +190,7 @@ def connect(role: str, weight_set: str, socket_path: str = DEFAULT_SOCKET, timeo
         sock.settimeout(timeout)
         sock.connect(socket_path)
         # The descriptors ride on the first bytes; the rest of a long hello follows.
-        sent = socket.send_fds(sock, [data], [r.fd for r in regions]) if regions else 0
+        sent = socket.send_fds(sock, [data], [r.fd for r in shared]) if shared else 0
         sock.sendall(data[sent:])
         # One line of JSON; on success it carries the table's and the rings' descriptors (SCM_RIGHTS).
         reply, fds, _, _ = socket.recv_fds(sock, 65536, 8)
