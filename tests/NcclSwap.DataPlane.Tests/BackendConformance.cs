@@ -148,7 +148,7 @@ internal static class BackendConformance
             using var segmented = new SegmentedBuffer(parts, "test region");
             parts = [];
             var ranges = new List<(long Offset, long Length)> { (at[0] + 17, 100_000), (at[1], 4099), (at[2] + 65_000, 537), (at[1] + 1, 0), (at[0], 1_048_573) };
-            Digest[] digests = SegmentedBuffer.Digests(backend, segmented, ranges);
+            Digest[] digests = backend.Digests(segmented, ranges);
             for (int i = 0; i < ranges.Count; i++)
             {
                 int part = Array.FindLastIndex(at, a => a <= ranges[i].Offset);
@@ -168,7 +168,7 @@ internal static class BackendConformance
             backend.Download(flat, 0, copied);
             Assert.True(copied.AsSpan(0, 4099).SequenceEqual(data[1]), $"seed {seed}");
             Assert.True(copied.AsSpan(4099, 4000).SequenceEqual(data[2].AsSpan(10, 4000)), $"seed {seed}");
-            Assert.True(SegmentedBuffer.Digests(backend, segmented, [(at[0] + 5, 1000)])[0] == BlockDigest.Compute(data[1].AsSpan(0, 1000)), $"seed {seed}");
+            Assert.True(backend.Digests(segmented, [(at[0] + 5, 1000)])[0] == BlockDigest.Compute(data[1].AsSpan(0, 1000)), $"seed {seed}");
 
             Assert.False(SegmentedBuffer.Holds(segmented, at[1] - 10, 20)); // the gap before segment 1
             Assert.False(SegmentedBuffer.Holds(segmented, at[1] + 4000, 400)); // past segment 1's end

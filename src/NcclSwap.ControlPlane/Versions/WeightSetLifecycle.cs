@@ -344,7 +344,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                     _placement ??= Place(publisher, packed.Length);
                     buffer = AcquireStaging(packed.Length);
                     Copy(publisher.Region.Buffer, buffer.Buffer, RegionLayout.CopyRuns(publisher.Layout, packed));
-                    manifest = publisher.Layout.ToManifest(SegmentedBuffer.Digests(Backend, publisher.Region.Buffer, Ranges(publisher.Layout)));
+                    manifest = publisher.Layout.ToManifest(Backend.Digests(publisher.Region.Buffer, Ranges(publisher.Layout)));
                 }
                 finally
                 {
@@ -903,7 +903,7 @@ internal sealed class WeightSetLifecycle : IDisposable
     /// <summary>The tensors of <paramref name="layout"/> in <paramref name="buffer"/> whose digest differs from the manifest's.</summary>
     private List<string> Mismatches(IDeviceBuffer buffer, RegionLayout layout, Manifest manifest)
     {
-        Digest[] digests = SegmentedBuffer.Digests(Backend, buffer, Ranges(layout));
+        Digest[] digests = Backend.Digests(buffer, Ranges(layout));
         var bad = new List<string>();
         for (int i = 0; i < digests.Length; i++)
         {

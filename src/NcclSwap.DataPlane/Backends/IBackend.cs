@@ -43,7 +43,7 @@ public interface IBackend : IDisposable
     /// <summary>Free and total device memory now, for placement decisions; null where "device" memory is host memory.</summary>
     (long Free, long Total)? DeviceMemory { get; }
 
-    /// <summary>The <see cref="BlockDigest"/> of each range of <paramref name="buffer"/>, in order, computed where the backend computes (the GPU for CUDA); waits for them.</summary>
+    /// <summary>The <see cref="BlockDigest"/> of each range of <paramref name="buffer"/> (a <see cref="SegmentedBuffer"/> too: each range in one segment), in order, computed where the backend computes (the GPU for CUDA, in one batch); waits for them.</summary>
     Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges);
 
     /// <summary>Copies host bytes into a device buffer and waits for the copy.</summary>

@@ -4,7 +4,8 @@ namespace NcclSwap.DataPlane;
 /// Several buffers seen as one range of offsets: buffer i covers [At_i, At_i + Length_i), in order, with gaps
 /// between them that belong to none. A trainer's tensors rarely share one allocation, so a client's GPU region is
 /// its allocations laid out this way. Copies and digests address one segment at a time: <see cref="Resolve"/>
-/// turns a range into the segment that holds it, and refuses a range that holds bytes of none or of two.
+/// turns a range into the segment that holds it, and refuses a range that holds bytes of none or of two; every
+/// backend's <see cref="IBackend.Digests"/> takes a segmented buffer so.
 /// Dispose disposes every segment.
 /// </summary>
 public sealed class SegmentedBuffer : IDeviceBuffer
@@ -70,22 +71,6 @@ public sealed class SegmentedBuffer : IDeviceBuffer
         (IDeviceBuffer destination, long at) = Resolve(to, toOffset, length);
         (IDeviceBuffer source, long offset) = Resolve(from, fromOffset, length);
         stream.CopyAsync(destination, at, source, offset, length);
-    }
-
-    /// <summary>The digests of <paramref name="ranges"/> of a buffer that may be segmented, one backend call per segment.</summary>
-    public static Digest[] Digests(IBackend backend, IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges)
-    {
-        if (buffer is not SegmentedBuffer segmented)
-            return backend.Digests(buffer, ranges);
-        var digests = new Digest[ranges.Count];
-        foreach (var group in ranges.Select((r, i) => (Index: i, Where: segmented.Resolve(r.Offset, r.Length), r.Length)).GroupBy(r => r.Where.Buffer))
-        {
-            var items = group.ToList();
-            Digest[] found = backend.Digests(group.Key, items.Select(r => (r.Where.Offset, r.Length)).ToList());
-            for (int k = 0; k < items.Count; k++)
-                digests[items[k].Index] = found[k];
-        }
-        return digests;
     }
 
     public void Dispose()

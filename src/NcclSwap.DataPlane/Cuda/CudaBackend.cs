@@ -55,14 +55,18 @@ public sealed class CudaBackend : IBackend
 
     public Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges)
     {
-        DeviceBuffer device = AsCuda(buffer);
-        var digests = new Digest[ranges.Count];
+        // A segmented buffer's ranges each lie in one of its segments: one batch for all of them all the same.
+        var resolved = ranges.Select(r =>
+        {
+            (IDeviceBuffer part, long offset) = SegmentedBuffer.Resolve(buffer, r.Offset, r.Length);
+            return (AsCuda(part), offset, r.Length);
+        }).ToList();
+        Digest[] digests;
         lock (_digestLock) // one GpuDigest, whose scratch memory serves one digest at a time
         {
             _digest ??= new GpuDigest(Context);
             _digestStream ??= CudaStream.Create(Context);
-            for (int i = 0; i < ranges.Count; i++)
-                digests[i] = _digest.Compute(device, ranges[i].Offset, ranges[i].Length, _digestStream);
+            digests = _digest.Compute(resolved, _digestStream);
         }
         return digests;
     }

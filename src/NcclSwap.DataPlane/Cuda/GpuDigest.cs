@@ -42,15 +42,63 @@ public sealed class GpuDigest : IDisposable
     public Pending Enqueue(DeviceBuffer buffer, long offset, long length, CudaStream stream)
     {
         ulong data = buffer.At(offset, length);
+        EnsureScratch(ScratchWords(length));
+        long root = EnqueueAt(data, length, _scratch!.Address, stream);
+        return new Pending(_scratch, root * 8, length);
+    }
+
+    /// <summary>
+    /// The digests of many ranges (of one buffer or several): every range's kernels enqueued on <paramref name="stream"/>
+    /// into scratch of its own, then one wait and one download of all the roots (a digest per range would pay a
+    /// wait and a download each, which for a model's hundreds of tensors costs more than the hashing).
+    /// </summary>
+    public Digest[] Compute(IReadOnlyList<(DeviceBuffer Buffer, long Offset, long Length)> ranges, CudaStream stream)
+    {
+        var at = new long[ranges.Count];
+        var data = new ulong[ranges.Count];
+        long words = ranges.Count; // the roots, gathered at the start
+        for (int i = 0; i < ranges.Count; i++)
+        {
+            data[i] = ranges[i].Buffer.At(ranges[i].Offset, ranges[i].Length); // checks the range
+            at[i] = words;
+            words += ScratchWords(ranges[i].Length);
+        }
+        EnsureScratch(words);
+        ulong scratch = _scratch!.Address;
+        for (int i = 0; i < ranges.Count; i++)
+        {
+            long root = EnqueueAt(data[i], ranges[i].Length, scratch + (ulong)at[i] * 8, stream);
+            stream.CopyAsync(_scratch, i * 8L, _scratch, root * 8, 8);
+        }
+        var roots = new ulong[ranges.Count];
+        stream.Synchronize();
+        _scratch.CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(roots.AsSpan()));
+        var digests = new Digest[ranges.Count];
+        for (int i = 0; i < ranges.Count; i++)
+            digests[i] = BlockDigest.FromRoot(roots[i], ranges[i].Length);
+        return digests;
+    }
+
+    private static long ScratchWords(long length)
+    {
         long leaves = BlockDigest.LeafCount(length);
-        long scratchWords = leaves + (leaves + BlockDigest.Fanout - 1) / BlockDigest.Fanout * 2 + 2;
-        if (_scratch is null || _scratch.Length < scratchWords * 8)
+        return leaves + (leaves + BlockDigest.Fanout - 1) / BlockDigest.Fanout * 2 + 2;
+    }
+
+    private void EnsureScratch(long words)
+    {
+        if (_scratch is null || _scratch.Length < words * 8)
         {
             _scratch?.Dispose();
-            _scratch = DeviceBuffer.Allocate(Context, scratchWords * 8);
+            _scratch = DeviceBuffer.Allocate(Context, words * 8);
         }
+    }
 
-        ulong input = _scratch.Address;
+    /// <summary>Enqueues the kernels over <paramref name="length"/> bytes at <paramref name="data"/>, hashes from <paramref name="scratch"/> on; returns the root's word index in the scratch buffer.</summary>
+    private long EnqueueAt(ulong data, long length, ulong scratch, CudaStream stream)
+    {
+        long leaves = BlockDigest.LeafCount(length);
+        ulong input = scratch;
         _leaves.Launch(checked((uint)((leaves + LeafThreads - 1) / LeafThreads)), LeafThreads, stream,
             new KernelArguments().Add(data).Add((ulong)length).Add(input));
         ulong output = input + (ulong)leaves * 8;
@@ -61,7 +109,7 @@ public sealed class GpuDigest : IDisposable
                 new KernelArguments().Add(input).Add((ulong)count).Add(output));
             (input, output, count) = (output, output + (ulong)groups * 8, groups);
         }
-        return new Pending(_scratch, (long)(input - _scratch.Address), length);
+        return (long)(input - _scratch!.Address) / 8;
     }
 
     /// <summary>A digest whose kernels are enqueued; the root hash lands at <c>rootOffset</c> of the scratch buffer.</summary>

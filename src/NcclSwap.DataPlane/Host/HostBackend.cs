@@ -33,19 +33,24 @@ public sealed class HostBackend : IBackend
 
     public Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges)
     {
-        HostDeviceBuffer host = AsHost(buffer);
-        foreach (var (offset, length) in ranges)
-            host.CheckRange(offset, length);
+        var at = new nint[ranges.Count];
+        for (int i = 0; i < ranges.Count; i++)
+        {
+            (IDeviceBuffer part, long offset) = SegmentedBuffer.Resolve(buffer, ranges[i].Offset, ranges[i].Length);
+            HostDeviceBuffer host = AsHost(part);
+            host.CheckRange(offset, ranges[i].Length);
+            at[i] = host.Pointer + (nint)offset;
+        }
         var digests = new Digest[ranges.Count];
         // Large ranges one at a time, each spread over every core; small ones side by side, one core each.
         const long large = 8L << 20;
         for (int i = 0; i < ranges.Count; i++)
             if (ranges[i].Length >= large)
-                digests[i] = BlockDigest.Compute(host.Pointer + (nint)ranges[i].Offset, ranges[i].Length);
+                digests[i] = BlockDigest.Compute(at[i], ranges[i].Length);
         Parallel.For(0, ranges.Count, i =>
         {
             if (ranges[i].Length < large)
-                digests[i] = BlockDigest.Compute(host.Pointer + (nint)ranges[i].Offset, ranges[i].Length, parallelism: 1);
+                digests[i] = BlockDigest.Compute(at[i], ranges[i].Length, parallelism: 1);
         });
         return digests;
     }

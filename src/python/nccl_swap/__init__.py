@@ -5,7 +5,8 @@
   step boundary is one load of the version table when nothing is new.
 - :func:`connect`: a raw session (any role), its rings and the version table; :class:`Layout` says where tensors lie.
 
-The PyTorch side (registering CUDA tensors, CUDA IPC) comes with the co-located GPU path.
+The PyTorch side is :mod:`nccl_swap.gpu` (imported on its own, it needs torch): :class:`~nccl_swap.gpu.GpuPublisher`
+and :class:`~nccl_swap.gpu.GpuConsumer` register CUDA tensors by CUDA IPC handle.
 """
 
 from .abi import ABI_VERSION, RequestKind, Status

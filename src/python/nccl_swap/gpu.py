@@ -187,7 +187,9 @@ class GpuConsumer:
         if not self._lock.acquire(blocking=False):
             return False  # the watcher is swapping sessions: next step
         try:
-            if session is not self.session or self._closed:
+            # A dead session's table may show what a restarted agent activated without this consumer (its slot or
+            # buffers were not written), and its rings have nobody to answer: follow only a live session.
+            if session is not self.session or self._closed or not session.alive():
                 return False
             session.drain()
             stream = torch.cuda.current_stream(self.device).cuda_stream
@@ -256,6 +258,8 @@ class GpuConsumer:
             self._closed = True
             self.session.close()
         self._watcher.join()
+        if self._pending is not None:
+            self.gate.release(self._pending[0])  # nobody will answer it now
         torch.cuda.synchronize(self.device)  # no stream may still wait on the gate
         for session in self._retired:
             session.close()

@@ -1,0 +1,289 @@
+"""Co-located GPU path benchmark: trainer and engine on one GPU, weights moved by nccl-swap and by two PyTorch peers.
+
+    python3 perf/colocated.py AGENT [--models small,8b] [--versions N]
+
+For each model, in one run: T, the time of one device-to-device copy of all the weight bytes (the copy limit,
+measured on flat buffers just before); then nccl-swap publish -> verify -> activate to a flip consumer and to a
+copy-in consumer (the agent's own split of each update, and the engine's pause measured with CUDA events on the
+engine's stream around its per-step check); then the peers in a second process: per-tensor torch CUDA IPC
+``copy_``, and 1 GiB buckets flattened, sent by IPC and unflattened. Every figure is also given as a multiple of T.
+Random bf16 weights, fresh before every version (never zeros). Prints a table per model; exits 1 if any engine's
+bytes differ from the trainer's.
+"""
+
+import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "python"))
+from nccl_swap import COPY_IN, FLIP, connect  # noqa: E402
+from nccl_swap.gpu import GpuConsumer, GpuPublisher  # noqa: E402
+
+GiB = 1 << 30
+
+
+def llama_shapes(layers, hidden, intermediate, kv_heads, head_dim, vocab):
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+        })
+    return shapes
+
+
+MODELS = {
+    "8b": ("Llama-3-8B shapes", llama_shapes(32, 4096, 14336, 8, 128, 128256)),   # 291 tensors, 16.1 GB bf16
+    "small": ("Llama-3.2-1B shapes", llama_shapes(16, 2048, 8192, 8, 64, 128256)),  # 147 tensors, 3.0 GB bf16
+}
+
+
+def tensors(shapes):
+    return {n: torch.empty(s, dtype=torch.bfloat16, device="cuda").normal_() for n, s in shapes.items()}
+
+
+def median_ms(fn, repeat=5):
+    times = []
+    for _ in range(repeat + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[1:])
+
+
+def copy_limit(total):
+    """T for `total` bytes: the median rate of one D2D copy of a flat buffer of up to 4 GiB."""
+    n = min(total, 4 * GiB)
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    rate = n / (ms / 1e3)
+    return total / rate, rate
+
+
+# ---- the peers, in a process of their own (torch CUDA IPC: tensors sent through a multiprocessing queue) ----
+
+def peer_engine(shapes, requests, answers):
+    torch.cuda.init()
+    mine = {n: torch.empty(s, dtype=torch.bfloat16, device="cuda") for n, s in shapes.items()}
+    while True:
+        message = requests.get()
+        if message is None:
+            return
+        kind, payload = message
+        if kind == "tensors":  # per-tensor IPC copy_
+            for name, t in payload.items():
+                mine[name].copy_(t)
+        else:  # a bucket: its tensors' names, offsets and the flat bytes
+            names, bucket = payload
+            offset = 0
+            for name in names:
+                n = mine[name].numel()
+                mine[name].copy_(bucket[offset:offset + n].view(mine[name].shape))
+                offset += n
+        torch.cuda.synchronize()
+        answers.put(True)
+
+
+def peers(shapes, trainer, repeat):
+    ctx = mp.get_context("spawn")
+    requests, answers = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=peer_engine, args=(shapes, requests, answers))
+    child.start()
+    per_tensor, buckets = [], []
+    for i in range(repeat + 1):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        requests.put(("tensors", trainer))
+        answers.get()
+        per_tensor.append(time.perf_counter() - started)
+    names = list(trainer)
+    for i in range(repeat + 1):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        group, size = [], 0
+        for name in names + [None]:
+            t = trainer.get(name)
+            if name is None or (size + t.numel() * 2 > GiB and group):
+                bucket = torch.cat([trainer[n].reshape(-1) for n in group])
+                requests.put(("bucket", (group, bucket)))
+                answers.get()
+                del bucket
+                group, size = [], 0
+            if name is not None:
+                group.append(name)
+                size += t.numel() * 2
+        buckets.append(time.perf_counter() - started)
+    requests.put(None)
+    child.join()
+    return statistics.median(per_tensor[1:]), statistics.median(buckets[1:])
+
+
+# ---- nccl-swap ----
+
+class Agent:
+    def __init__(self, executable, folder):
+        self.socket = os.path.join(folder, "agent.sock")
+        self.log_path = os.path.join(folder, "agent.log")
+        env = dict(os.environ)
+        env.update({
+            "NCCL_SWAP_Agent__SocketPath": self.socket,
+            "NCCL_SWAP_Agent__StateDirectory": os.path.join(folder, "state"),
+            "NCCL_SWAP_Agent__StagingDirectory": tempfile.mkdtemp(prefix="nccl-swap-bench-", dir="/dev/shm"),
+            "NCCL_SWAP_Agent__UpdatePolicy": "queue",
+            "NCCL_SWAP_Agent__Backend": "cuda",
+            "NCCL_SWAP_Agent__AckTimeoutSeconds": "30",
+            f"NCCL_SWAP_Agent__Roles__Users__{os.getuid()}": "publisher,consumer,operator",
+        })
+        self.staging = env["NCCL_SWAP_Agent__StagingDirectory"]
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([executable, "serve"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.connect(self.socket)
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the agent did not start: {self.text()[-2000:]}")
+                time.sleep(0.05)
+
+    def text(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def outcome(self, version):
+        """The agent's split of one update: snapshot, ack wait, stage, verify, activate (ms)."""
+        m = re.findall(rf"version {version}: activated; \d+ bytes; snapshot ([\d.]+) ms, ack wait ([\d.]+) ms, stage ([\d.]+) ms, verify ([\d.]+) ms, activate ([\d.]+) ms", self.text())
+        return tuple(float(x) for x in m[-1]) if m else None
+
+    def close(self):
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+        self.log.close()
+        subprocess.run(["rm", "-rf", self.staging])
+
+
+def same(a, b):
+    return all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
+
+
+def swap(agent_path, trainer, mode, versions, folder):
+    """Publishes `versions` versions to one consumer in `mode`; returns per-version figures (ms) and whether bytes matched."""
+    engine = {n: torch.nn.Parameter(torch.empty_like(t), requires_grad=False) for n, t in trainer.items()} if mode == FLIP else \
+        {n: torch.empty_like(t) for n, t in trainer.items()}
+    agent = Agent(agent_path, folder)
+    rows, exact = [], True
+    try:
+        with GpuPublisher("bench", trainer, agent.socket, timeout=600) as publisher, \
+                GpuConsumer("bench", engine, mode, agent.socket, timeout=600) as consumer:
+            stream = torch.cuda.current_stream()
+            for version in range(1, versions + 1):
+                for t in trainer.values():
+                    t.normal_()
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                publisher.publish(version, wait=True).check()
+                published = time.perf_counter() - started
+                before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                before.record(stream)
+                host = time.perf_counter()
+                switched = consumer.step()
+                host = time.perf_counter() - host
+                after.record(stream)
+                after.synchronize()
+                activated = time.perf_counter() - started  # copy-in: the version is the engine's once its copy is done
+                while consumer._pending is not None:
+                    consumer.step()
+                    time.sleep(0.0002)
+                if not switched or consumer.version != version:
+                    raise RuntimeError(f"{mode}: the consumer serves {consumer.version}, not {version}: {consumer.last_error}")
+                split = agent.outcome(version)
+                rows.append({"publish_ms": published * 1e3, "activated_ms": activated * 1e3, "pause_gpu_ms": before.elapsed_time(after),
+                             "step_host_ms": host * 1e3, "split": split})
+            exact = same(engine, trainer)  # the trainer's tensors still hold the last version published
+            with connect("operator", "bench", agent.socket) as operator:
+                placement = operator.call(operator.request(5)).check().detail
+    finally:
+        agent.close()
+    del engine
+    torch.cuda.empty_cache()
+    return rows, exact, placement
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("agent")
+    parser.add_argument("--models", default="small,8b")
+    parser.add_argument("--versions", type=int, default=6)
+    args = parser.parse_args()
+    gpu = torch.cuda.get_device_name()
+    failed = False
+    for key in args.models.split(","):
+        title, shapes = MODELS[key]
+        trainer = tensors(shapes)
+        total = sum(t.numel() * 2 for t in trainer.values())
+        T, rate = copy_limit(total)
+        print(f"\n== {title}: {len(shapes)} tensors, {total / 1e9:.2f} GB bf16, {gpu}", flush=True)
+        print(f"D2D copy limit T = {T * 1e3:.2f} ms ({rate / 1e9:.0f} GB/s, one copy of a flat buffer, median of 5)", flush=True)
+        results = {}
+        with tempfile.TemporaryDirectory(prefix="nccl-swap-bench-") as folder:
+            for mode in (FLIP, COPY_IN):
+                where = os.path.join(folder, mode.replace("-", ""))
+                os.makedirs(where)
+                rows, exact, placement = swap(args.agent, trainer, mode, args.versions, where)
+                results[mode] = (rows[1:], exact, placement)  # the first version pays first touches: left out
+                failed |= not exact
+        per_tensor, bucket = peers(shapes, trainer, 3)
+        del trainer
+        torch.cuda.empty_cache()
+
+        def cell(ms):
+            return f"{ms:8.2f} ms  {ms / (T * 1e3):5.2f} T"
+
+        print(f"{'what':58} {'time':>11}  {'ratio':>7}")
+        print(f"{'D2D copy of all bytes (the limit)':58} {cell(T * 1e3)}")
+        for mode in (FLIP, COPY_IN):
+            rows, exact, placement = results[mode]
+            med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+            splits = [r["split"] for r in rows if r["split"]]
+            split = [statistics.median(x[i] for x in splits) if splits else float("nan") for i in range(5)]
+            print(f"-- nccl-swap {mode} ({placement}; bytes equal: {exact}; median of {len(rows)} versions)")
+            print(f"{'   publish -> activated (publish with wait)':58} {cell(med('publish_ms'))}")
+            if mode == COPY_IN:
+                print(f"{'   publish -> copied into the engine':58} {cell(med('activated_ms'))}")
+            print(f"{'   agent: snapshot (trainer -> staging, + its digest)':58} {cell(split[0])}")
+            print(f"{'   agent: stage (staging -> flip slot)':58} {cell(split[2])}")
+            print(f"{'   agent: verify (digests on the GPU)':58} {cell(split[3])}")
+            print(f"{'   agent: ack wait + activate':58} {cell(split[1] + split[4])}")
+            pauses = sorted(r["pause_gpu_ms"] for r in rows)
+            hosts = sorted(r["step_host_ms"] for r in rows)
+            print(f"{'   engine pause on its stream, p50 / max':58} {pauses[len(pauses) // 2]:8.3f} ms / {pauses[-1]:.3f} ms ({pauses[len(pauses) // 2] / (T * 1e3):.2f} T)")
+            print(f"{'   engine host time in step() at the switch, p50 / max':58} {hosts[len(hosts) // 2] * 1e3:8.1f} µs / {hosts[-1] * 1e3:.1f} µs")
+        print(f"{'PyTorch peer: per-tensor CUDA IPC copy_':58} {cell(per_tensor * 1e3)}")
+        print(f"{'PyTorch peer: 1 GiB buckets, flatten + IPC + unflatten':58} {cell(bucket * 1e3)}", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
