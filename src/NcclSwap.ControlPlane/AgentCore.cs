@@ -9,6 +9,8 @@ namespace NcclSwap.ControlPlane;
 public sealed record AgentOptions(string SocketPath, string StateDirectory, string StagingDirectory, int TableCapacity, RolePolicy Roles,
     UpdatePolicy Policy, TimeSpan AckTimeout)
 {
+    public StagingPlacement Placement { get; init; } = StagingPlacement.Auto;
+
     public string TablePath => Path.Combine(StateDirectory, "versions.table");
 
     public string StatePath => Path.Combine(StateDirectory, "state.json");
@@ -54,7 +56,7 @@ public sealed class AgentCore : IAsyncDisposable
         try
         {
             versions = new VersionManager(table, new StateStore(options.StatePath), backend,
-                new LifecycleOptions(options.StagingDirectory, options.Policy, options.AckTimeout), log);
+                new LifecycleOptions(options.StagingDirectory, options.Policy, options.AckTimeout) { Placement = options.Placement }, log);
             door = new FrontDoor(options.SocketPath, options.TablePath, options.Roles, versions);
             versions.Attach(door);
             door.Refused += r => log.LogWarning("refused {Peer}: {Reason}", r.Peer, r.Reason);

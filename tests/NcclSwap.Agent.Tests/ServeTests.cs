@@ -32,6 +32,7 @@ public sealed class ServeTests : IDisposable
             ["Agent:UpdatePolicy"] = "interleave",
             ["Agent:AckTimeoutSeconds"] = "-1",
             ["Agent:Backend"] = "opencl",
+            ["Agent:StagingPlacement"] = "nvme",
         }));
         Assert.Equal(
         [
@@ -42,6 +43,7 @@ public sealed class ServeTests : IDisposable
             "Agent:UpdatePolicy: 'interleave' must be supersede or queue",
             "Agent:AckTimeoutSeconds: '-1' must be a number of seconds above 0 and at most 3600",
             "Agent:Backend: 'opencl' must be auto, cuda or host",
+            "Agent:StagingPlacement: 'nvme' must be auto, gpu, gpu+shadow or host",
             "Agent:Roles:Users:1000: unknown role 'root' (publisher, consumer, operator)",
             "Agent:Roles:Groups:wheel: 'wheel' is not a numeric gid",
         ], e.Problems);
@@ -53,8 +55,10 @@ public sealed class ServeTests : IDisposable
         Assert.Equal("/run/nccl-swap/staging", good.StagingDirectory);
         Assert.Equal(NcclSwap.ControlPlane.Versions.UpdatePolicy.Supersede, good.Policy);
         Assert.Equal(TimeSpan.FromSeconds(30), good.Options.AckTimeout);
-        AgentSettings queued = Load(new() { ["Agent:Roles:Users:0"] = "operator", ["Agent:UpdatePolicy"] = "queue", ["Agent:AckTimeoutSeconds"] = "2.5", ["Agent:Backend"] = "host" });
+        Assert.Equal(NcclSwap.ControlPlane.Versions.StagingPlacement.Auto, good.Options.Placement);
+        AgentSettings queued = Load(new() { ["Agent:Roles:Users:0"] = "operator", ["Agent:UpdatePolicy"] = "queue", ["Agent:AckTimeoutSeconds"] = "2.5", ["Agent:Backend"] = "host", ["Agent:StagingPlacement"] = "gpu+shadow" });
         Assert.Equal((NcclSwap.ControlPlane.Versions.UpdatePolicy.Queue, TimeSpan.FromSeconds(2.5), "host"), (queued.Policy, queued.Options.AckTimeout, queued.Backend));
+        Assert.Equal(NcclSwap.ControlPlane.Versions.StagingPlacement.GpuWithHostShadow, queued.Options.Placement);
         Assert.Equal("/var/lib/nccl-swap/versions.table", good.TablePath);
         Assert.Contains("every client would be refused", Assert.Throws<AgentSettingsException>(() => Load(new())).Message);
     }

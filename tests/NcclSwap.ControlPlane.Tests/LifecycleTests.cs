@@ -154,6 +154,54 @@ public sealed partial class LifecycleTests
     }
 
     [Fact]
+    public async Task With_a_host_shadow_the_last_good_version_leaves_device_staging_and_rollback_and_restart_restore_it()
+    {
+        await using TestAgent agent = TestAgent.Start(placement: StagingPlacement.GpuWithHostShadow);
+        using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
+        using var copyIn = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+        string[] Manifests() => Directory.GetFiles(agent.StagingDirectory, "*.manifest");
+
+        Assert.True(Publish(publisher, 1).Ok);
+        StepUntil(agent, flip, 1);
+        Assert.Empty(Manifests()); // device staging leaves no files: the active version is in device memory only
+        for (ulong version = 2; version <= 3; version++)
+        {
+            Assert.True(Publish(publisher, version).Ok);
+            StepUntil(agent, flip, version);
+            StepUntil(agent, copyIn, version);
+            AssertHolds(flip, version);
+            AssertHolds(copyIn, version);
+            agent.WaitForLog($"last good version {version - 1} moved to host memory");
+            string manifest = Assert.Single(Manifests()); // the last good one's shadow, and nothing else
+            Assert.Equal(version - 1, agent.Core!.Table.ReadEntry(0).LastGood);
+            Assert.True(File.Exists(manifest[..^".manifest".Length]));
+        }
+        Assert.Contains("GPU, last good host", StatusDetail(agent));
+
+        using (var operatorClient = ChannelClient.Connect(agent.SocketPath, Role.Operator, "llama"))
+            Assert.Equal(Status.Ok, operatorClient.Call(operatorClient.NewRequest(RequestKind.Rollback), TimeSpan.FromSeconds(30)).Status);
+        StepUntil(agent, flip, 2);
+        StepUntil(agent, copyIn, 2);
+        AssertHolds(flip, 2); // from the shadow, byte for byte
+        AssertHolds(copyIn, 2);
+
+        // The active version is now the shadow's file, so a restart finds it, and a new consumer gets it.
+        await agent.StopAsync();
+        agent.Restart();
+        agent.WaitForLog("recovered active version 2");
+        using var late = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
+        StepUntil(agent, late, 2);
+        AssertHolds(late, 2);
+    }
+
+    private static string StatusDetail(TestAgent agent)
+    {
+        using var client = ChannelClient.Connect(agent.SocketPath, Role.Operator, "llama");
+        return ChannelClient.Detail(client.Call(client.NewRequest(RequestKind.Status), TimeSpan.FromSeconds(10)));
+    }
+
+    [Fact]
     public async Task Bytes_spoiled_on_their_way_into_staging_are_caught_and_never_activated()
     {
         await using TestAgent agent = TestAgent.Start();

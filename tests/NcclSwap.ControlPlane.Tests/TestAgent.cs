@@ -30,6 +30,20 @@ internal sealed class TestAgent : IAsyncDisposable
 
     public string SocketPath => Path.Combine(Folder, "agent.sock");
 
+    public string StagingDirectory => StagingFor(Folder);
+
+    /// <summary>Waits until the agent has logged a line containing <paramref name="text"/>.</summary>
+    public void WaitForLog(string text, TimeSpan? timeout = null)
+    {
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (!Log.Lines.Any(l => l.Contains(text, StringComparison.Ordinal)))
+        {
+            if (clock.Elapsed > (timeout ?? TimeSpan.FromSeconds(30)))
+                Assert.Fail($"the agent did not log '{text}'; its log:{Environment.NewLine}{Log}");
+            Thread.Sleep(5);
+        }
+    }
+
     /// <summary>The agent when it runs in this process.</summary>
     public AgentCore? Core { get; private set; }
 
@@ -49,12 +63,12 @@ internal sealed class TestAgent : IAsyncDisposable
         Directory.Exists("/dev/shm") ? Path.Combine("/dev/shm", Path.GetFileName(folder) + "-staging") : Path.Combine(folder, "staging");
 
     /// <summary>An agent in this process.</summary>
-    public static TestAgent Start(UpdatePolicy policy = UpdatePolicy.Queue, TimeSpan? ackTimeout = null)
+    public static TestAgent Start(UpdatePolicy policy = UpdatePolicy.Queue, TimeSpan? ackTimeout = null, StagingPlacement placement = StagingPlacement.Auto)
     {
         string folder = Directory.CreateTempSubdirectory("nccl-swap-agent-").FullName;
         var log = new TestLog();
         var backend = new FlakyBackend(new HostBackend());
-        AgentOptions options = Options(folder, policy, ackTimeout ?? TimeSpan.FromSeconds(30));
+        AgentOptions options = Options(folder, policy, ackTimeout ?? TimeSpan.FromSeconds(30)) with { Placement = placement };
         return new TestAgent(folder, AgentCore.Start(options, backend, log), backend, log, options);
     }
 

@@ -16,7 +16,8 @@ public sealed class AgentSettingsException(IReadOnlyList<string> problems)
 /// variables (<c>NCCL_SWAP_Agent__SocketPath</c>, …), checked as a whole at start.
 /// </summary>
 public sealed record AgentSettings(string SocketPath, string StateDirectory, int TableCapacity, RolePolicy Roles,
-    string StagingDirectory = "/run/nccl-swap/staging", UpdatePolicy Policy = UpdatePolicy.Supersede, double AckTimeoutSeconds = 30, string Backend = "auto")
+    string StagingDirectory = "/run/nccl-swap/staging", UpdatePolicy Policy = UpdatePolicy.Supersede, double AckTimeoutSeconds = 30, string Backend = "auto",
+    StagingPlacement Placement = StagingPlacement.Auto)
 {
     public const string Section = "Agent";
 
@@ -24,7 +25,10 @@ public sealed record AgentSettings(string SocketPath, string StateDirectory, int
 
     public string StatePath => Options.StatePath;
 
-    public AgentOptions Options => new(SocketPath, StateDirectory, StagingDirectory, TableCapacity, Roles, Policy, TimeSpan.FromSeconds(AckTimeoutSeconds));
+    public AgentOptions Options => new(SocketPath, StateDirectory, StagingDirectory, TableCapacity, Roles, Policy, TimeSpan.FromSeconds(AckTimeoutSeconds))
+    {
+        Placement = Placement,
+    };
 
     public static AgentSettings Load(IConfiguration configuration)
     {
@@ -62,6 +66,21 @@ public sealed record AgentSettings(string SocketPath, string StateDirectory, int
         if (backend is not ("auto" or "cuda" or "host"))
             problems.Add($"{Section}:Backend: '{backend}' must be auto, cuda or host");
 
+        StagingPlacement placement = StagingPlacement.Auto;
+        if (agent["StagingPlacement"] is { } placementText)
+        {
+            placement = placementText switch
+            {
+                "auto" => StagingPlacement.Auto,
+                "gpu" => StagingPlacement.Gpu,
+                "gpu+shadow" => StagingPlacement.GpuWithHostShadow,
+                "host" => StagingPlacement.Host,
+                _ => (StagingPlacement)(-1),
+            };
+            if (placement < 0)
+                problems.Add($"{Section}:StagingPlacement: '{placementText}' must be auto, gpu, gpu+shadow or host");
+        }
+
         var roles = new RolePolicy();
         ReadRoles(agent.GetSection("Roles:Users"), roles.Users, "Roles:Users", problems);
         ReadRoles(agent.GetSection("Roles:Groups"), roles.Groups, "Roles:Groups", problems);
@@ -70,7 +89,7 @@ public sealed record AgentSettings(string SocketPath, string StateDirectory, int
 
         if (problems.Count > 0)
             throw new AgentSettingsException(problems);
-        return new AgentSettings(socket, state, capacity, roles, staging, policy, ackTimeout, backend);
+        return new AgentSettings(socket, state, capacity, roles, staging, policy, ackTimeout, backend, placement);
     }
 
     private static bool TryPolicy(string text, out UpdatePolicy policy)

@@ -162,18 +162,19 @@ internal sealed class StagingPool(string directory, string prefix, IBackend back
 
     public string Prefix { get; } = prefix;
 
-    /// <summary>Where new buffers go; buffers already made stay where they are until returned.</summary>
+    /// <summary>Where new buffers go unless told otherwise; buffers already made stay where they are until returned.</summary>
     public StagingPlace Place { get; set; } = StagingPlace.HostFiles;
 
-    public StagingBuffer Acquire(long length)
+    public StagingBuffer Acquire(long length, StagingPlace? where = null)
     {
+        StagingPlace place = where ?? Place;
         lock (_lock)
         {
             long size = Math.Max(length, 4096);
-            StagingBuffer? buffer = _idle.FirstOrDefault(b => b.Length == size && b.Place == Place);
+            StagingBuffer? buffer = _idle.FirstOrDefault(b => b.Length == size && b.Place == place);
             if (buffer is not null)
                 _idle.Remove(buffer);
-            else if (Place == StagingPlace.Device)
+            else if (place == StagingPlace.Device)
                 buffer = StagingBuffer.Allocate($"{Prefix}.{_next++} (GPU)", length, backend);
             else
             {
@@ -204,7 +205,7 @@ internal sealed class StagingPool(string directory, string prefix, IBackend back
             if (buffer.Place == StagingPlace.HostFiles)
                 File.Delete(buffer.ManifestPath); // it no longer holds a version that can be trusted
             // Device memory is scarce: one idle buffer there (the next snapshot's), MaxIdle files.
-            if (_idle.Count < (Place == StagingPlace.Device ? 1 : MaxIdle) && buffer.Place == Place)
+            if (_idle.Count(b => b.Place == buffer.Place) < (buffer.Place == StagingPlace.Device ? 1 : MaxIdle))
                 _idle.Add(buffer);
             else
                 buffer.Delete();

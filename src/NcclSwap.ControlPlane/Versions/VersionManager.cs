@@ -18,9 +18,27 @@ public enum UpdatePolicy
     Queue,
 }
 
+/// <summary>Where a weight set's staged versions live (decided at its first snapshot).</summary>
+public enum StagingPlacement
+{
+    /// <summary>GPU memory if the publisher's tensors are on the GPU and three copies fit with room to spare; if only two fit, GPU memory with the last good version shadowed in page-locked host files; else host files.</summary>
+    Auto,
+
+    /// <summary>Device memory (the active, last good and next versions).</summary>
+    Gpu,
+
+    /// <summary>Device memory for the active and next versions; the last good one moves to a page-locked host file.</summary>
+    GpuWithHostShadow,
+
+    /// <summary>Page-locked host files only.</summary>
+    Host,
+}
+
 /// <summary>Settings of the version life cycle.</summary>
 public sealed record LifecycleOptions(string StagingDirectory, UpdatePolicy Policy, TimeSpan AckTimeout)
 {
+    public StagingPlacement Placement { get; init; } = StagingPlacement.Auto;
+
     /// <summary>How many times a tensor whose digest does not match is copied again before the update fails.</summary>
     public int Resends { get; init; } = 2;
 }

@@ -50,6 +50,7 @@ internal sealed class WeightSetLifecycle : IDisposable
     private int _background; // snapshots and copy-ins running on the thread pool
     private WeightSetState _persisted;
     private string? _placement; // where staging went and why, decided at the first snapshot
+    private bool _shadowLastGood; // the last good version moves from device memory to a host file
     private double _snapshotRate; // bytes per second of the last snapshot
 
     public WeightSetLifecycle(VersionManager manager, string name, int row, WeightSetState? persisted)
@@ -380,38 +381,63 @@ internal sealed class WeightSetLifecycle : IDisposable
     }
 
     /// <summary>
-    /// Decides where staging goes: device memory when the publisher's tensors are on the GPU and three buffers (the
-    /// active version, the last good one and the next) fit with room to spare; otherwise page-locked host files,
-    /// where copies run at the host link's speed. Says what it chose and why.
+    /// Decides where staging goes (<see cref="StagingPlacement"/>). Automatically: device memory when the
+    /// publisher's tensors are on the GPU and three buffers (the active version, the last good one and the next)
+    /// fit with room to spare; when only two fit, device memory with the last good version moved to a page-locked
+    /// host file after each activation (a rollback then copies over the host link); otherwise page-locked host
+    /// files, where every copy to or from the GPU runs at the host link's speed. Says what it chose and why.
     /// </summary>
     private string Place(PublisherRegistration publisher, long length)
     {
-        const int buffers = 3;
-        string why;
-        if (!publisher.Region.IsDevice)
-            why = "the publisher's tensors are in host memory";
-        else if (Backend.DeviceMemory is not { } memory)
-            why = "this backend has no device memory";
+        StagingPlacement wanted = _manager.Options.Placement;
+        string placement;
+        if (wanted != StagingPlacement.Auto)
+        {
+            _pool.Place = wanted == StagingPlacement.Host ? StagingPlace.HostFiles : StagingPlace.Device;
+            _shadowLastGood = wanted == StagingPlacement.GpuWithHostShadow;
+            placement = wanted switch
+            {
+                StagingPlacement.Host => "staging in page-locked host files (as configured)",
+                StagingPlacement.Gpu => "staging in GPU memory (as configured)",
+                _ => "staging in GPU memory, the last good version in a page-locked host file (as configured)",
+            };
+        }
         else
         {
-            long needed = checked(buffers * length);
-            long spare = Math.Max(1L << 30, memory.Total / 20);
-            if (memory.Free - needed >= spare)
+            string why;
+            if (!publisher.Region.IsDevice)
+                why = "the publisher's tensors are in host memory";
+            else if (Backend.DeviceMemory is not { } memory)
+                why = "this backend has no device memory";
+            else
             {
-                _pool.Place = StagingPlace.Device;
-                string chose = $"staging in GPU memory: {buffers} × {Units.Bytes(length)} of {Units.Bytes(memory.Free)} free; a restart of the agent loses it (consumers keep their own copies)";
-                Log.LogInformation("{Set}: {Placement}", Name, chose);
-                return chose;
+                long spare = Math.Max(1L << 30, memory.Total / 20);
+                string of = $"of {Units.Bytes(memory.Free)} free";
+                if (memory.Free - checked(3 * length) >= spare)
+                {
+                    _pool.Place = StagingPlace.Device;
+                    placement = $"staging in GPU memory: 3 × {Units.Bytes(length)} {of}";
+                    Log.LogInformation("{Set}: {Placement}; a restart of the agent loses it (consumers keep their own copies)", Name, placement);
+                    return placement;
+                }
+                if (memory.Free - checked(2 * length) >= spare)
+                {
+                    _pool.Place = StagingPlace.Device;
+                    _shadowLastGood = true;
+                    placement = $"staging in GPU memory: 2 × {Units.Bytes(length)} {of}; the last good version in a page-locked host file (a rollback copies over the host link)";
+                    Log.LogInformation("{Set}: {Placement}", Name, placement);
+                    return placement;
+                }
+                why = $"2 × {Units.Bytes(length)} would leave less than {Units.Bytes(spare)} {of}";
             }
-            why = $"{buffers} × {Units.Bytes(length)} would leave less than {Units.Bytes(spare)} of the GPU's {Units.Bytes(memory.Free)} free";
+            _pool.Place = StagingPlace.HostFiles;
+            placement = $"staging in page-locked host files ({why}): copies between them and the GPU run at the host link's speed";
         }
-        _pool.Place = StagingPlace.HostFiles;
-        string placement = $"staging in page-locked host files ({why}): copies between them and the GPU run at the host link's speed";
         Log.LogInformation("{Set}: {Placement}", Name, placement);
         return placement;
     }
 
-    /// <summary>A staging buffer where <see cref="Place"/> said; if the device runs out meanwhile, host files from then on.</summary>
+    /// <summary>A staging buffer where <see cref="Place"/> said; if the device has no room for this one, a host file.</summary>
     private StagingBuffer AcquireStaging(long length)
     {
         try
@@ -420,10 +446,65 @@ internal sealed class WeightSetLifecycle : IDisposable
         }
         catch (NcclSwap.Cuda.CudaException e) when (_pool.Place == StagingPlace.Device)
         {
-            _pool.Place = StagingPlace.HostFiles;
-            _placement = $"staging in page-locked host files: GPU memory ran out ({e.Message})";
-            Log.LogWarning("{Set}: {Placement}", Name, _placement);
-            return _pool.Acquire(length);
+            Log.LogWarning("{Set}: no room in GPU memory for a staging buffer ({Reason}); this version is staged in a page-locked host file", Name, e.Message);
+            return _pool.Acquire(length, StagingPlace.HostFiles);
+        }
+    }
+
+    /// <summary>
+    /// With a host shadow: moves the last good version from device memory to a page-locked host file (copied,
+    /// checked against its manifest, recorded in the state file), freeing its device buffer for the next version.
+    /// On the worker, after an activation; if anything fails, the last good version stays where it was.
+    /// </summary>
+    private void ShadowLastGood()
+    {
+        if (!_shadowLastGood)
+            return;
+        StagedVersion? lastGood;
+        lock (_refs)
+            lastGood = _lastGood is { Buffer.Place: StagingPlace.Device } device ? device.AddReference() : null;
+        if (lastGood is null)
+            return;
+        StagingBuffer? shadow = null;
+        try
+        {
+            var clock = Stopwatch.StartNew();
+            shadow = _pool.Acquire(lastGood.Layout.Length, StagingPlace.HostFiles);
+            Copy(lastGood.Buffer.Buffer, shadow.Buffer, [new CopyRun(0, 0, lastGood.Layout.Length)]);
+            List<string> bad = Mismatches(shadow.Buffer, lastGood.Layout, lastGood.Manifest);
+            if (bad.Count > 0)
+                throw new InvalidDataException($"tensor '{bad[0]}' does not match its digest in the shadow");
+            shadow.WriteManifest(lastGood.Manifest);
+            var shadowed = new StagedVersion(lastGood.Version, lastGood.Manifest, shadow, _pool);
+            shadow = null;
+            bool moved = false;
+            lock (_refs)
+            {
+                if (_lastGood == lastGood)
+                {
+                    _lastGood = shadowed;
+                    _persisted = _persisted with { LastGoodStaging = Staged(shadowed) };
+                    moved = true;
+                }
+            }
+            if (!moved)
+            {
+                shadowed.Release(); // it stopped being last good meanwhile (a rollback, a newer activation)
+                return;
+            }
+            lastGood.Release(); // the reference _lastGood held
+            _manager.SaveState();
+            Log.LogInformation("{Set}: last good version {Version} moved to host memory ({File}) in {Ms:0.0} ms", Name, lastGood.Version, shadowed.Buffer.FileName, clock.Elapsed.TotalMilliseconds);
+        }
+        catch (Exception e) when (e is IOException or InvalidDataException or NcclSwap.Cuda.CudaException or UnauthorizedAccessException)
+        {
+            if (shadow is not null)
+                _pool.Return(shadow);
+            Log.LogWarning("{Set}: the last good version {Version} stays in GPU memory: {Reason}", Name, lastGood.Version, e.Message);
+        }
+        finally
+        {
+            lastGood.Release();
         }
     }
 
@@ -642,7 +723,7 @@ internal sealed class WeightSetLifecycle : IDisposable
         {
             if (_placement is null)
                 return "staging not placed yet";
-            string where = _pool.Place == StagingPlace.Device ? "GPU" : "host";
+            string where = _pool.Place == StagingPlace.Device ? _shadowLastGood ? "GPU, last good host" : "GPU" : "host";
             double rate = _snapshotRate;
             return rate > 0 && _layout is { } layout ? $"staging {where}, copy-in ~{layout.TotalBytes / rate * 1e3:0.0} ms" : $"staging {where}";
         }
@@ -700,6 +781,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                 (int status, string detail, UpdateResult result) = Failure(e, "update");
                 Finish(job, result, status, detail);
             }
+            ShadowLastGood();
         }
     }
 
