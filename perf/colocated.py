@@ -203,16 +203,20 @@ def swap(agent_path, trainer, mode, versions, folder):
                     t.normal_()
                 torch.cuda.synchronize()
                 started = time.perf_counter()
-                publisher.publish(version, wait=True).check()
+                publisher.publish(version).check()  # returns once the agent has the bytes (in the slots, or staged)
                 published = time.perf_counter() - started
                 before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                before.record(stream)
-                host = time.perf_counter()
-                switched = consumer.step()
-                host = time.perf_counter() - host
+                deadline = time.monotonic() + 600
+                while True:  # the engine's steps, until the version is the one its next work sees
+                    before.record(stream)
+                    host = time.perf_counter()
+                    switched = consumer.step()
+                    host = time.perf_counter() - host
+                    if switched or time.monotonic() > deadline:
+                        break
                 after.record(stream)
                 after.synchronize()
-                activated = time.perf_counter() - started  # copy-in: the version is the engine's once its copy is done
+                activated = time.perf_counter() - started  # flip: the table showed it; copy-in: its copy is done
                 while consumer._pending is not None:
                     consumer.step()
                     time.sleep(0.0002)
@@ -269,11 +273,11 @@ def main():
             splits = [r["split"] for r in rows if r["split"]]
             split = [statistics.median(x[i] for x in splits) if splits else float("nan") for i in range(5)]
             print(f"-- nccl-swap {mode} ({placement}; bytes equal: {exact}; median of {len(rows)} versions)")
-            print(f"{'   publish -> activated (publish with wait)':58} {cell(med('publish_ms'))}")
-            if mode == COPY_IN:
-                print(f"{'   publish -> copied into the engine':58} {cell(med('activated_ms'))}")
-            print(f"{'   agent: snapshot (trainer -> staging, + its digest)':58} {cell(split[0])}")
-            print(f"{'   agent: stage (staging -> flip slot)':58} {cell(split[2])}")
+            print(f"{'   publish returns (the agent has the bytes)':58} {cell(med('publish_ms'))}")
+            what = "publish -> the engine's step sees it (activated)" if mode == FLIP else "publish -> copied into the engine"
+            print(f"{'   ' + what:58} {cell(med('activated_ms'))}")
+            print(f"{'   agent: snapshot (what the trainer waited for)':58} {cell(split[0])}")
+            print(f"{'   agent: stage (copies into the slots or staging)':58} {cell(split[2])}")
             print(f"{'   agent: verify (digests on the GPU)':58} {cell(split[3])}")
             print(f"{'   agent: ack wait + activate':58} {cell(split[1] + split[4])}")
             pauses = sorted(r["pause_gpu_ms"] for r in rows)

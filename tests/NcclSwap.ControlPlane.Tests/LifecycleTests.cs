@@ -204,12 +204,11 @@ public sealed partial class LifecycleTests
     [Fact]
     public async Task Bytes_spoiled_on_their_way_into_staging_are_caught_and_never_activated()
     {
+        // Without flip consumers, a version reaches consumers only through staging.
         await using TestAgent agent = TestAgent.Start();
-        using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
         using var copyIn = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
         Assert.True(Publish(publisher, 1).Ok);
-        StepUntil(agent, flip, 1);
         StepUntil(agent, copyIn, 1);
         ulong before = agent.Core!.Table.ReadState(0);
 
@@ -220,10 +219,43 @@ public sealed partial class LifecycleTests
         Assert.Equal(1, agent.Backend.Corrupted);
         Assert.Equal(UpdateResult.Failed, agent.Outcome("llama", 2)!.Result);
         Assert.Equal(before, agent.Core.Table.ReadState(0));
-        Assert.False(flip.Step());
         Assert.False(copyIn.Step());
-        AssertHolds(flip, 1);
         AssertHolds(copyIn, 1);
+
+        Assert.True(Publish(publisher, 3).Ok);
+        StepUntil(agent, copyIn, 3);
+        AssertHolds(copyIn, 3);
+    }
+
+    [Fact]
+    public async Task With_flip_consumers_a_version_goes_straight_to_their_slots_and_a_spoiled_staged_copy_is_never_served()
+    {
+        await using TestAgent agent = TestAgent.Start();
+        using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
+        using var copyIn = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+        Assert.True(Publish(publisher, 1).Ok);
+        StepUntil(agent, flip, 1);
+        StepUntil(agent, copyIn, 1);
+        UpdateOutcome first = agent.WaitForOutcome("llama", 1);
+        Assert.Equal(1, first.Consumers);
+        Assert.True(first.Snapshot > TimeSpan.Zero && first.Stage > TimeSpan.Zero);
+
+        // The staged copy (made from the flip consumer's checked slot after activation) is spoiled: the flip
+        // consumer serves the version from its slot, but no copy-in consumer ever gets the spoiled bytes.
+        agent.Backend!.CorruptCopiesInto("staging");
+        Assert.True(Publish(publisher, 2).Ok);
+        StepUntil(agent, flip, 2);
+        AssertHolds(flip, 2);
+        agent.WaitForLog("the staged copy of version 2 could not be made");
+        Assert.False(copyIn.Step());
+        AssertHolds(copyIn, 1);
+        Assert.Equal(1, agent.Backend.Corrupted);
+        using (var operatorClient = ChannelClient.Connect(agent.SocketPath, Role.Operator, "llama"))
+            Assert.Equal(Status.Ok, operatorClient.Call(operatorClient.NewRequest(RequestKind.Rollback), TimeSpan.FromSeconds(30)).Status);
+        StepUntil(agent, flip, 1); // the last good version's staged copy was good
+        StepUntil(agent, copyIn, 1);
+        AssertHolds(flip, 1);
 
         Assert.True(Publish(publisher, 3).Ok);
         StepUntil(agent, flip, 3);

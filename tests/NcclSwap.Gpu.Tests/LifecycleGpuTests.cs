@@ -48,7 +48,7 @@ public sealed class LifecycleGpuTests : IAsyncDisposable
     }
 
     [Fact]
-    public async Task Versions_staged_and_verified_on_the_gpu_reach_flip_and_copy_in_consumers_intact_and_spoiled_bytes_never_activate()
+    public async Task Versions_verified_on_the_gpu_reach_flip_and_copy_in_consumers_intact_and_spoiled_bytes_are_never_served()
     {
         (AgentCore agent, FlakyBackend backend) = Start();
         using var ownsContext = backend; // disposed last: the agent unmaps registered memory with it
@@ -70,14 +70,16 @@ public sealed class LifecycleGpuTests : IAsyncDisposable
             AssertHolds(copyIn, version);
         }
 
-        // A bit spoiled on its way into staging: the GPU digest catches it, nothing is activated.
+        // A bit spoiled on its way into the staged copy (made from the flip consumer's checked slot after the version
+        // went straight there): the GPU digest catches it, and the copy-in consumer never gets those bytes.
         backend.CorruptCopiesInto("staging");
         SyntheticModel.Fill(4, layout, publisher.Tensors.Pointer);
-        PublishResult spoiled = publisher.Publish(4, wait: true);
-        Assert.Equal(Status.Corrupt, spoiled.Status);
-        Assert.Contains("staged bytes of tensor", agent.Versions.History("llama").Single(o => o.Version == 4).Detail);
-        Assert.False(flip.Step());
-        AssertHolds(flip, 3);
+        Assert.True(publisher.Publish(4, wait: true).Ok);
+        StepUntil(flip, 4);
+        AssertHolds(flip, 4);
+        for (var clock = System.Diagnostics.Stopwatch.StartNew(); clock.Elapsed < TimeSpan.FromSeconds(1); Thread.Sleep(10))
+            Assert.False(copyIn.Step(), "the copy-in consumer took version 4 from a spoiled staged copy");
+        AssertHolds(copyIn, 3);
 
         // A bit spoiled once on its way to a consumer: sent again, then activated intact.
         backend.CorruptCopiesInto("slot");
@@ -85,15 +87,20 @@ public sealed class LifecycleGpuTests : IAsyncDisposable
         Assert.True(publisher.Publish(5, wait: true).Ok);
         Assert.Equal(1, agent.Versions.History("llama").Single(o => o.Version == 5).Resent);
         StepUntil(flip, 5);
+        StepUntil(copyIn, 5);
         AssertHolds(flip, 5);
+        AssertHolds(copyIn, 5);
+        SyntheticModel.Fill(6, layout, publisher.Tensors.Pointer);
+        Assert.True(publisher.Publish(6, wait: true).Ok);
+        StepUntil(flip, 6);
 
         using var operatorClient = ChannelClient.Connect(agent.Options.SocketPath, Role.Operator, "llama");
         Response rollback = operatorClient.Call(operatorClient.NewRequest(RequestKind.Rollback), TimeSpan.FromSeconds(60));
         Assert.Equal(Status.Ok, rollback.Status);
-        StepUntil(flip, 3);
-        StepUntil(copyIn, 3);
-        AssertHolds(flip, 3);
-        AssertHolds(copyIn, 3);
+        StepUntil(flip, 5);
+        StepUntil(copyIn, 5);
+        AssertHolds(flip, 5);
+        AssertHolds(copyIn, 5);
         Assert.Equal(2, backend.Corrupted);
     }
 

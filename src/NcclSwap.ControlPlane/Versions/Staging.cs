@@ -109,16 +109,32 @@ internal sealed class StagingBuffer : IDisposable
 internal sealed class StagedVersion
 {
     private readonly StagingPool _pool;
+    private readonly ManualResetEventSlim _settled;
     private int _references = 1;
+    private volatile bool _usable;
 
-    public StagedVersion(ulong version, Manifest manifest, StagingBuffer buffer, StagingPool pool)
+    /// <param name="filled">False when the bytes are still being copied in (from a flip consumer's slot, after the
+    /// version was activated there): readers wait for <see cref="Filled"/>.</param>
+    public StagedVersion(ulong version, Manifest manifest, StagingBuffer buffer, StagingPool pool, bool filled = true)
     {
         Version = version;
         Manifest = manifest;
         Layout = RegionLayout.Packed(manifest);
         Buffer = buffer;
         _pool = pool;
+        _usable = filled;
+        _settled = new ManualResetEventSlim(filled);
     }
+
+    /// <summary>The bytes are in place and checked (<paramref name="usable"/>), or could not be made.</summary>
+    public void Filled(bool usable)
+    {
+        _usable = usable;
+        _settled.Set();
+    }
+
+    /// <summary>Waits up to <paramref name="timeout"/> for the bytes; false if they could not be made or are not there yet.</summary>
+    public bool WaitFilled(TimeSpan timeout) => _settled.Wait(timeout) && _usable;
 
     public ulong Version { get; }
 

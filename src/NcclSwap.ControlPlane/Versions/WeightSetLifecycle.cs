@@ -47,11 +47,12 @@ internal sealed class WeightSetLifecycle : IDisposable
     private ulong _highestPublished;
     private Job? _pending;
     private volatile bool _stopping;
+    private bool _busy; // the worker runs an update (under _queue)
     private int _background; // snapshots and copy-ins running on the thread pool
     private WeightSetState _persisted;
     private string? _placement; // where staging went and why, decided at the first snapshot
     private bool _shadowLastGood; // the last good version moves from device memory to a host file
-    private double _snapshotRate; // bytes per second of the last snapshot
+    private double _copyRate; // bytes per second of the last copy of a whole version
 
     public WeightSetLifecycle(VersionManager manager, string name, int row, WeightSetState? persisted)
     {
@@ -318,13 +319,15 @@ internal sealed class WeightSetLifecycle : IDisposable
     }
 
     /// <summary>
-    /// Copies the publisher's tensors into a staging buffer and digests the publisher's bytes (the manifest), while
-    /// the publisher waits; then queues the version (or, under supersede, replaces the one still waiting) and answers.
+    /// Takes the publisher's version in: when the weight set has flip consumers, the worker copies the publisher's
+    /// tensors straight into their free slots (one copy, not two) and answers once they hold them; otherwise the
+    /// bytes are copied into a staging buffer here and the publisher's bytes digested (the manifest) while it waits.
+    /// Then the version is queued (under supersede, replacing the one still waiting) and the publisher answered.
     /// </summary>
     private void Snapshot(PublisherRegistration publisher, Job job, RequestDispatcher dispatcher)
     {
         UpdateOutcome outcome = job.Outcome;
-        StagingBuffer? buffer = null;
+        job = job with { Publisher = publisher, Answer = job.WaitFor is null ? new SnapshotAnswer(dispatcher) : null };
         try
         {
             lock (_snapshot)
@@ -335,27 +338,14 @@ internal sealed class WeightSetLifecycle : IDisposable
                             Monitor.Wait(_queue);
                 if (_stopping)
                     throw new UpdateException(Abi.Status.Canceled, "the agent is stopping", UpdateResult.Abandoned);
-                if (!publisher.TryEnter())
-                    throw new UpdateException(Abi.Status.Canceled, "the publisher left before its snapshot was taken", UpdateResult.Abandoned);
-                var clock = Stopwatch.StartNew();
-                Manifest manifest;
-                try
-                {
-                    RegionLayout packed = _layout!;
-                    _placement ??= Place(publisher, packed.Length);
-                    buffer = AcquireStaging(packed.Length);
-                    Copy(publisher.Region.Buffer, buffer.Buffer, RegionLayout.CopyRuns(publisher.Layout, packed));
-                    manifest = publisher.Layout.ToManifest(Backend.Digests(publisher.Region.Buffer, Ranges(publisher.Layout)));
-                }
-                finally
-                {
-                    publisher.Exit();
-                }
-                outcome.Snapshot = clock.Elapsed;
-                _snapshotRate = outcome.Bytes / Math.Max(outcome.Snapshot.TotalSeconds, 1e-9);
-                job = job with { Source = new StagedVersion(outcome.Version, manifest, buffer, _pool) };
-                buffer = null;
-                Job? superseded = null;
+                // Straight into the slots only when the worker would start at once and no flip consumer reads the
+                // slot: the publisher then waits for one copy and its check, never for another update or a consumer.
+                bool direct = SlotsFree();
+                lock (_queue)
+                    direct &= !_busy && _pending is null;
+                if (!direct)
+                    job = job with { Source = TakeSnapshot(publisher, outcome) };
+                Job? superseded;
                 lock (_queue)
                 {
                     superseded = _pending;
@@ -364,21 +354,60 @@ internal sealed class WeightSetLifecycle : IDisposable
                 }
                 if (superseded is not null)
                     Finish(superseded, UpdateResult.Superseded, Abi.Status.Canceled, $"superseded by version {outcome.Version}");
+                if (direct)
+                    return; // the worker answers once the bytes are in the slots
             }
             Log.LogDebug("{Set}: version {Version} snapshotted ({Bytes} bytes) in {Ms:0.00} ms", Name, outcome.Version, outcome.Bytes, outcome.Snapshot.TotalMilliseconds);
-            if (job.WaitFor is null)
-                dispatcher.Reply(job.Session, Messages.NewResponse(job.Request, Abi.Status.Ok, $"snapshot taken in {outcome.Snapshot.TotalMilliseconds:0.00} ms"));
+            Answer(job, Abi.Status.Ok, $"snapshot taken in {outcome.Snapshot.TotalMilliseconds:0.00} ms");
         }
         catch (Exception e)
         {
-            if (buffer is not null)
-                _pool.Return(buffer);
             (int status, string detail, UpdateResult result) = Failure(e, "snapshot");
             Finish(job, result, status, detail);
-            if (job.WaitFor is null)
-                dispatcher.Reply(job.Session, Messages.NewResponse(job.Request, status, detail));
         }
     }
+
+    /// <summary>Whether the weight set has flip consumers and none of them may read the slot the next version goes to.</summary>
+    private bool SlotsFree()
+    {
+        ulong current = ActiveState;
+        int slot = current == 0 ? 0 : 1 - VersionEntry.UnpackState(current).Slot;
+        var flips = Consumers.Where(c => c.Mode == ConsumerMode.Flip).ToList();
+        return flips.Count > 0 && flips.All(c => !c.MayRead(slot));
+    }
+
+    /// <summary>Copies the publisher's tensors into a new staging buffer and digests the publisher's bytes (the manifest).</summary>
+    private StagedVersion TakeSnapshot(PublisherRegistration publisher, UpdateOutcome outcome)
+    {
+        if (!publisher.TryEnter())
+            throw new UpdateException(Abi.Status.Canceled, "the publisher left before its snapshot was taken", UpdateResult.Abandoned);
+        StagingBuffer? buffer = null;
+        try
+        {
+            var clock = Stopwatch.StartNew();
+            RegionLayout packed = _layout!;
+            _placement ??= Place(publisher, packed.Length);
+            buffer = AcquireStaging(packed.Length);
+            Copy(publisher.Region.Buffer, buffer.Buffer, RegionLayout.CopyRuns(publisher.Layout, packed));
+            TimeSpan copy = clock.Elapsed;
+            Manifest manifest = publisher.Layout.ToManifest(Backend.Digests(publisher.Region.Buffer, Ranges(publisher.Layout)));
+            outcome.Snapshot = clock.Elapsed;
+            _copyRate = outcome.Bytes / Math.Max(copy.TotalSeconds, 1e-9);
+            var staged = new StagedVersion(outcome.Version, manifest, buffer, _pool);
+            buffer = null;
+            return staged;
+        }
+        finally
+        {
+            publisher.Exit();
+            if (buffer is not null)
+                _pool.Return(buffer);
+        }
+    }
+
+    /// <summary>Answers a publisher that waits for its snapshot only (once; later answers are dropped).</summary>
+    private static void Answer(Job job, int status, string detail) =>
+        job.Answer?.Give(job.Session, Messages.NewResponse(job.Request, status, detail));
 
     /// <summary>
     /// Decides where staging goes (<see cref="StagingPlacement"/>). Automatically: device memory when the
@@ -607,10 +636,10 @@ internal sealed class WeightSetLifecycle : IDisposable
         Response? response = null;
         try
         {
-            if (state == 0 || source is null)
+            if (state == 0 || source is null || !source.WaitFilled(_manager.Options.AckTimeout))
                 response = Messages.NewResponse(request, Abi.Status.NotFound, state == 0
                     ? $"no version of '{Name}' is active yet"
-                    : $"the bytes of version {VersionEntry.UnpackState(state).Version} were lost at a restart; the next version will do");
+                    : $"the staged bytes of version {VersionEntry.UnpackState(state).Version} are gone (a restart, or a copy that failed); the next version will do");
             else if (!consumer.TryEnter())
                 return; // it left: nobody to answer, and nobody waits on its gate
             else
@@ -724,7 +753,7 @@ internal sealed class WeightSetLifecycle : IDisposable
             if (_placement is null)
                 return "staging not placed yet";
             string where = _pool.Place == StagingPlace.Device ? _shadowLastGood ? "GPU, last good host" : "GPU" : "host";
-            double rate = _snapshotRate;
+            double rate = _copyRate;
             return rate > 0 && _layout is { } layout ? $"staging {where}, copy-in ~{layout.TotalBytes / rate * 1e3:0.0} ms" : $"staging {where}";
         }
     }
@@ -771,6 +800,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                     _pending = null;
                     Monitor.PulseAll(_queue); // room for a queued publish
                 }
+                _busy = true;
             }
             try
             {
@@ -782,17 +812,26 @@ internal sealed class WeightSetLifecycle : IDisposable
                 Finish(job, result, status, detail);
             }
             ShadowLastGood();
+            lock (_queue)
+                _busy = false;
         }
     }
 
     private void Update(Job job)
     {
+        if (job.Source is null)
+        {
+            UpdateDirect(job);
+            return;
+        }
         UpdateOutcome outcome = job.Outcome;
-        StagedVersion source = job.Source!;
+        StagedVersion source = job.Source;
         bool activated = false;
         try
         {
             outcome.Result = UpdateResult.Staging;
+            if (!source.WaitFilled(_manager.Options.AckTimeout))
+                throw new UpdateException(Abi.Status.NotFound, $"the staged copy of version {source.Version} could not be made; not activated", UpdateResult.Failed);
             var clock = Stopwatch.StartNew();
             List<string> bad = Mismatches(source.Buffer.Buffer, source.Layout, source.Manifest);
             outcome.Verify += clock.Elapsed;
@@ -843,6 +882,137 @@ internal sealed class WeightSetLifecycle : IDisposable
         {
             if (!activated)
                 source.Release();
+        }
+    }
+
+    /// <summary>
+    /// A publish taken straight into the flip consumers' free slots: one copy from the publisher into each, the
+    /// publisher's digests (the manifest), every slot checked (a bad tensor copied again from the publisher), the
+    /// publisher answered, the version activated; then the staged copy (for copy-in consumers, new consumers and
+    /// rollback) is filled from a checked slot, off the activation's path. If a flip consumer still reads the slot
+    /// (the publisher must not wait for it) or none is left, the snapshot goes to staging first, as without flip consumers.
+    /// </summary>
+    private void UpdateDirect(Job job)
+    {
+        UpdateOutcome outcome = job.Outcome;
+        PublisherRegistration publisher = job.Publisher!;
+        outcome.Result = UpdateResult.Staging;
+        ulong current = ActiveState;
+        int slot = current == 0 ? 0 : 1 - VersionEntry.UnpackState(current).Slot;
+        var entered = new List<ConsumerRegistration>();
+        StagedVersion? staged = null;
+        bool activated = false;
+        if (!publisher.TryEnter())
+            throw new UpdateException(Abi.Status.Canceled, "the publisher left before its snapshot was taken", UpdateResult.Abandoned);
+        bool holdsPublisher = true;
+        try
+        {
+            lock (_membership)
+            {
+                StopCheck();
+                // Consumers that joined since the last activation read the active slot, never this one.
+                foreach (ConsumerRegistration consumer in Consumers.Where(c => c.Mode == ConsumerMode.Flip && !c.MayRead(slot)))
+                    if (consumer.TryEnter())
+                        entered.Add(consumer);
+                if (entered.Count > 0 && entered.Count == Consumers.Count(c => c.Mode == ConsumerMode.Flip))
+                {
+                    RegionLayout packed = _layout!;
+                    _placement ??= Place(publisher, packed.Length);
+                    var clock = Stopwatch.StartNew();
+                    using (ICopyStream stream = Backend.CreateStream())
+                    {
+                        foreach (ConsumerRegistration consumer in entered)
+                        {
+                            ClientRegion target = consumer.Slot(slot);
+                            foreach (CopyRun run in RegionLayout.CopyRuns(publisher.Layout, consumer.Layout, joinGaps: !target.IsDevice))
+                                SegmentedBuffer.CopyAsync(stream, target.Buffer, run.To, publisher.Region.Buffer, run.From, run.Bytes);
+                        }
+                        stream.Synchronize();
+                    }
+                    outcome.Stage += clock.Elapsed;
+                    _copyRate = outcome.Bytes / Math.Max(clock.Elapsed.TotalSeconds / entered.Count, 1e-9);
+                    clock.Restart();
+                    Manifest manifest = publisher.Layout.ToManifest(Backend.Digests(publisher.Region.Buffer, Ranges(publisher.Layout)));
+                    outcome.Verify += clock.Elapsed;
+                    foreach (ConsumerRegistration consumer in entered)
+                        if (Deliver(publisher.Region.Buffer, publisher.Layout, manifest, consumer, slot, outcome, copied: true) is { } failure)
+                            throw new UpdateException(Abi.Status.Corrupt, $"{failure}; not activated", UpdateResult.Failed);
+                    outcome.Snapshot = outcome.Stage + outcome.Verify;
+                    staged = new StagedVersion(outcome.Version, manifest, AcquireStaging(packed.Length), _pool, filled: false);
+                    Answer(job, Abi.Status.Ok, $"taken into {entered.Count} slot(s) in {outcome.Snapshot.TotalMilliseconds:0.00} ms");
+                    publisher.Exit();
+                    holdsPublisher = false;
+                    outcome.Consumers = entered.Count;
+                    // A publisher that waits for the outcome hears once the staged copy is made too, so that a crash
+                    // right after its answer still finds the version's bytes in staging.
+                    Activate(job with { Source = staged, WaitFor = null }, slot);
+                    activated = true;
+                }
+            }
+            if (!activated)
+            {
+                // A flip consumer still reads the slot, or none is left: staging first, and the publisher goes on.
+                foreach (ConsumerRegistration consumer in entered)
+                    consumer.Exit();
+                entered.Clear();
+                publisher.Exit();
+                holdsPublisher = false;
+                StagedVersion snapshot = TakeSnapshot(publisher, outcome);
+                Answer(job, Abi.Status.Ok, $"snapshot taken in {outcome.Snapshot.TotalMilliseconds:0.00} ms");
+                Update(job with { Source = snapshot });
+                return;
+            }
+            string? unstaged = Fill(staged!, entered[0], slot);
+            job.WaitFor?.Reply(job.Session, Messages.NewResponse(job.Request with { Version = outcome.State }, Abi.Status.Ok,
+                unstaged is null ? "" : $"activated; its staged copy could not be made: {unstaged}"));
+        }
+        finally
+        {
+            if (holdsPublisher)
+                publisher.Exit();
+            foreach (ConsumerRegistration consumer in entered)
+                consumer.Exit();
+            if (!activated)
+                staged?.Release();
+        }
+    }
+
+    /// <summary>
+    /// Fills a version's staged copy from a flip consumer's slot that was checked, and checks it; until then copy-ins,
+    /// new consumers and rollbacks wait for it. If it cannot be made, the version's bytes are dropped from staging
+    /// (flip consumers serve it from their slots; the others get the next version).
+    /// </summary>
+    private string? Fill(StagedVersion staged, ConsumerRegistration from, int slot)
+    {
+        var clock = Stopwatch.StartNew();
+        try
+        {
+            Copy(from.Slot(slot).Buffer, staged.Buffer.Buffer, RegionLayout.CopyRuns(from.Layout, staged.Layout));
+            List<string> bad = Mismatches(staged.Buffer.Buffer, staged.Layout, staged.Manifest);
+            if (bad.Count > 0)
+                throw new InvalidDataException($"tensor '{bad[0]}' does not match its digest there{(bad.Count > 1 ? $" (and {bad.Count - 1} more)" : "")}");
+            staged.Filled(true);
+            Log.LogDebug("{Set}: staged copy of version {Version} filled from {Who} in {Ms:0.0} ms", Name, staged.Version, from, clock.Elapsed.TotalMilliseconds);
+            return null;
+        }
+        catch (Exception e) when (e is InvalidDataException or IOException or NcclSwap.Cuda.CudaException or ArgumentException)
+        {
+            staged.Filled(false);
+            bool dropped = false;
+            lock (_refs)
+            {
+                if (_active == staged)
+                {
+                    _active = null;
+                    _persisted = _persisted with { ActiveStaging = null };
+                    dropped = true;
+                }
+            }
+            if (dropped)
+                staged.Release();
+            Log.LogError("{Set}: the staged copy of version {Version} could not be made ({Reason}); flip consumers serve it from their slots, copy-in and new consumers get the next version",
+                Name, staged.Version, e.Message);
+            return e.Message;
         }
     }
 
@@ -947,15 +1117,27 @@ internal sealed class WeightSetLifecycle : IDisposable
     /// </summary>
     private string? Deliver(StagedVersion source, ConsumerRegistration consumer, int slot, UpdateOutcome? outcome)
     {
+        if (!source.WaitFilled(_manager.Options.AckTimeout))
+            return $"the staged copy of version {source.Version} could not be made";
+        return Deliver(source.Buffer.Buffer, source.Layout, source.Manifest, consumer, slot, outcome, copied: false);
+    }
+
+    /// <summary>
+    /// <see cref="Deliver(StagedVersion, ConsumerRegistration, int, UpdateOutcome?)"/> from any buffer laid out as
+    /// <paramref name="layout"/> (a publisher's tensors); <paramref name="copied"/> when the bytes are in place already.
+    /// </summary>
+    private string? Deliver(IDeviceBuffer from, RegionLayout layout, Manifest manifest, ConsumerRegistration consumer, int slot, UpdateOutcome? outcome, bool copied)
+    {
         ClientRegion target = consumer.Slot(slot);
         var clock = Stopwatch.StartNew();
-        Copy(source.Buffer.Buffer, target.Buffer, RegionLayout.CopyRuns(source.Layout, consumer.Layout, joinGaps: !target.IsDevice));
+        if (!copied)
+            Copy(from, target.Buffer, RegionLayout.CopyRuns(layout, consumer.Layout, joinGaps: !target.IsDevice));
         if (outcome is not null)
             outcome.Stage += clock.Elapsed;
         for (int attempt = 0; ; attempt++)
         {
             clock.Restart();
-            List<string> bad = Mismatches(target.Buffer, consumer.Layout, source.Manifest);
+            List<string> bad = Mismatches(target.Buffer, consumer.Layout, manifest);
             if (outcome is not null)
                 outcome.Verify += clock.Elapsed;
             if (bad.Count == 0)
@@ -963,9 +1145,9 @@ internal sealed class WeightSetLifecycle : IDisposable
             if (attempt == _manager.Options.Resends)
                 return $"{consumer}'s region '{target.Name}': tensor '{bad[0]}' does not match its digest after {attempt} re-send(s)";
             Log.LogWarning("{Set}: version {Version}: {Count} tensor(s) in {Who}'s '{Region}' do not match their digests (first: '{Tensor}'); sending them again",
-                Name, source.Version, bad.Count, consumer, target.Name, bad[0]);
+                Name, outcome?.Version, bad.Count, consumer, target.Name, bad[0]);
             clock.Restart();
-            Copy(source.Buffer.Buffer, target.Buffer, RegionLayout.CopyRuns(source.Layout, consumer.Layout, bad, joinGaps: !target.IsDevice));
+            Copy(from, target.Buffer, RegionLayout.CopyRuns(layout, consumer.Layout, bad, joinGaps: !target.IsDevice));
             if (outcome is not null)
             {
                 outcome.Stage += clock.Elapsed;
@@ -1024,6 +1206,7 @@ internal sealed class WeightSetLifecycle : IDisposable
             job.Source?.Release(); // never reached the worker, whose update releases what it does not activate
         if (job.WaitFor is { } dispatcher)
             dispatcher.Reply(job.Session, Messages.NewResponse(job.Request with { Version = outcome.State != 0 ? outcome.State : job.Request.Version }, status, detail));
+        Answer(job, status, detail); // a publisher still waiting for its snapshot (taken by the worker) learns why not
         if (result == UpdateResult.Activated)
             Log.LogInformation("{Outcome}", outcome);
         else if (result is UpdateResult.Failed)
@@ -1155,7 +1338,28 @@ internal sealed class WeightSetLifecycle : IDisposable
     }
 
     /// <summary>An update (a publish or a rollback), whose requester may wait for its outcome.</summary>
-    private sealed record Job(UpdateOutcome Outcome, StagedVersion? Source, long Session, Request Request, RequestDispatcher? WaitFor);
+    /// <remarks>
+    /// <see cref="Source"/> is null for a publish whose bytes the worker takes straight into the flip consumers'
+    /// slots (<see cref="Publisher"/>); <see cref="Answer"/> is set when the publisher waits for the snapshot only.
+    /// </remarks>
+    private sealed record Job(UpdateOutcome Outcome, StagedVersion? Source, long Session, Request Request, RequestDispatcher? WaitFor)
+    {
+        public PublisherRegistration? Publisher { get; init; }
+
+        public SnapshotAnswer? Answer { get; init; }
+    }
+
+    /// <summary>The answer a publisher gets once its bytes are safe (or why not), given once.</summary>
+    private sealed class SnapshotAnswer(RequestDispatcher dispatcher)
+    {
+        private int _given;
+
+        public void Give(long session, Response response)
+        {
+            if (Interlocked.Exchange(ref _given, 1) == 0)
+                dispatcher.Reply(session, response);
+        }
+    }
 
     private sealed class UpdateException(int status, string message, UpdateResult result) : Exception(message)
     {
