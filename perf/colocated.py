@@ -14,8 +14,6 @@ bytes differ from the trainer's.
 import argparse
 import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +26,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "python"))
 from nccl_swap import COPY_IN, FLIP, connect  # noqa: E402
 from nccl_swap.gpu import GpuConsumer, GpuPublisher  # noqa: E402
+from nccl_swap.local_agent import LocalAgent  # noqa: E402
 
 GiB = 1 << 30
 
@@ -140,48 +139,10 @@ def peers(shapes, trainer, repeat):
 
 # ---- nccl-swap ----
 
-class Agent:
-    def __init__(self, executable, folder):
-        self.socket = os.path.join(folder, "agent.sock")
-        self.log_path = os.path.join(folder, "agent.log")
-        env = dict(os.environ)
-        env.update({
-            "NCCL_SWAP_Agent__SocketPath": self.socket,
-            "NCCL_SWAP_Agent__StateDirectory": os.path.join(folder, "state"),
-            "NCCL_SWAP_Agent__StagingDirectory": tempfile.mkdtemp(prefix="nccl-swap-bench-", dir="/dev/shm"),
-            "NCCL_SWAP_Agent__UpdatePolicy": "queue",
-            "NCCL_SWAP_Agent__Backend": "cuda",
-            "NCCL_SWAP_Agent__AckTimeoutSeconds": "30",
-            f"NCCL_SWAP_Agent__Roles__Users__{os.getuid()}": "publisher,consumer,operator",
-        })
-        self.staging = env["NCCL_SWAP_Agent__StagingDirectory"]
-        self.log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([executable, "serve"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.socket(socket.AF_UNIX) as probe:
-                    probe.connect(self.socket)
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the agent did not start: {self.text()[-2000:]}")
-                time.sleep(0.05)
-
-    def text(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def outcome(self, version):
-        """The agent's split of one update: snapshot, ack wait, stage, verify, activate (ms)."""
-        m = re.findall(rf"version {version}: activated; \d+ bytes; snapshot ([\d.]+) ms, ack wait ([\d.]+) ms, stage ([\d.]+) ms, verify ([\d.]+) ms, activate ([\d.]+) ms", self.text())
-        return tuple(float(x) for x in m[-1]) if m else None
-
-    def close(self):
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
-        self.log.close()
-        subprocess.run(["rm", "-rf", self.staging])
+def outcome(log, version):
+    """The agent's split of one update from its log: snapshot, ack wait, stage, verify, activate (ms)."""
+    found = re.findall(rf"version {version}: activated; \d+ bytes; snapshot ([\d.]+) ms, ack wait ([\d.]+) ms, stage ([\d.]+) ms, verify ([\d.]+) ms, activate ([\d.]+) ms", log)
+    return tuple(float(x) for x in found[-1]) if found else None
 
 
 def same(a, b):
@@ -192,7 +153,8 @@ def swap(agent_path, trainer, mode, versions, folder):
     """Publishes `versions` versions to one consumer in `mode`; returns per-version figures (ms) and whether bytes matched."""
     engine = {n: torch.nn.Parameter(torch.empty_like(t), requires_grad=False) for n, t in trainer.items()} if mode == FLIP else \
         {n: torch.empty_like(t) for n, t in trainer.items()}
-    agent = Agent(agent_path, folder)
+    staging = tempfile.mkdtemp(prefix="nccl-swap-bench-", dir="/dev/shm")
+    agent = LocalAgent(agent_path, folder, staging=staging, Backend="cuda", UpdatePolicy="queue", AckTimeoutSeconds="30")
     rows, exact = [], True
     try:
         with GpuPublisher("bench", trainer, agent.socket, timeout=600) as publisher, \
@@ -222,14 +184,15 @@ def swap(agent_path, trainer, mode, versions, folder):
                     time.sleep(0.0002)
                 if not switched or consumer.version != version:
                     raise RuntimeError(f"{mode}: the consumer serves {consumer.version}, not {version}: {consumer.last_error}")
-                split = agent.outcome(version)
+                split = outcome(agent.log(), version)
                 rows.append({"publish_ms": published * 1e3, "activated_ms": activated * 1e3, "pause_gpu_ms": before.elapsed_time(after),
                              "step_host_ms": host * 1e3, "split": split})
             exact = same(engine, trainer)  # the trainer's tensors still hold the last version published
             with connect("operator", "bench", agent.socket) as operator:
                 placement = operator.call(operator.request(5)).check().detail
     finally:
-        agent.close()
+        agent.stop()
+        subprocess.run(["rm", "-rf", staging])
     del engine
     torch.cuda.empty_cache()
     return rows, exact, placement

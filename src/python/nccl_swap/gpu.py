@@ -15,6 +15,7 @@ from .channel import DEFAULT_SOCKET, AgentError, ClosedError, RefusedError, Resp
 from .consumer import COPY_IN, FLIP
 from .gate import Gate
 from .layout import PACKED_ALIGNMENT, Layout, LayoutError, Tensor
+from .publisher import Publisher
 from .version_table import unpack_state
 
 _DTYPES = {
@@ -81,8 +82,9 @@ class CudaRegion:
         return {"name": self.name, "cuda": self.segments}
 
 
-class GpuPublisher:
-    """A trainer's CUDA tensors, registered once; :meth:`publish` per step returns once the agent has its own copy."""
+class GpuPublisher(Publisher):
+    """A trainer's CUDA tensors, registered once; :meth:`publish` per step returns once the agent has its own copy
+    (with flip consumers, in their slots). :meth:`reconnect` after the agent restarted, as for :class:`Publisher`."""
 
     def __init__(self, weight_set: str, tensors: Mapping[str, torch.Tensor], socket_path: str = DEFAULT_SOCKET, timeout: float = 60.0):
         self.weight_set = weight_set
@@ -92,29 +94,16 @@ class GpuPublisher:
         self.region = CudaRegion("tensors", self.tensors)
         self.session: Session = self._register()
 
-    def _register(self) -> Session:
-        return connect("publisher", self.weight_set, self.socket_path, self.timeout, self.region.layout, [self.region])
+    def tensor(self, name: str) -> torch.Tensor:  # type: ignore[override]
+        return self.tensors[name]
 
     def publish(self, version: int, wait: bool = False, timeout: Optional[float] = None) -> Response:
-        """Publishes ``version`` once the trainer's GPU work on the tensors is done; returns when the snapshot is
-        taken (with ``wait``: once the version is activated or failed). Raises :class:`ClosedError` if the agent goes."""
+        """Publishes ``version`` once the trainer's GPU work on the tensors is done (see :meth:`Publisher.publish`)."""
         torch.cuda.synchronize(self.region.device)
-        entry = self.session.request(abi.RequestKind.PUBLISH, version, abi.PUBLISH_WAIT if wait else 0)
-        return self.session.call(entry, self.timeout if timeout is None else timeout)
-
-    def reconnect(self) -> None:
-        fresh = self._register()
-        self.session.close()
-        self.session = fresh
+        return super().publish(version, wait, timeout)
 
     def close(self) -> None:
-        self.session.close()
-
-    def __enter__(self) -> "GpuPublisher":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self.session.close()  # the tensors are the trainer's
 
 
 class GpuConsumer:

@@ -5,8 +5,6 @@ one a Release build leaves in src/NcclSwap.Agent; without either, these tests ar
 """
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +13,7 @@ import time
 import unittest
 
 from nccl_swap import COPY_IN, FLIP, AgentError, Consumer, Publisher, RefusedError, Status, connect, pack_state, RequestKind
+from nccl_swap.local_agent import LocalAgent
 
 from . import synthetic
 
@@ -27,42 +26,14 @@ AGENT = os.environ.get("NCCL_SWAP_AGENT") or (BUILT if os.path.exists(BUILT) els
 class AgentTest(unittest.TestCase):
     def setUp(self):
         self.folder = tempfile.TemporaryDirectory(prefix="nccl-swap-py-")
-        self.socket = os.path.join(self.folder.name, "agent.sock")
-        self.agent = None
-        self.start_agent()
-
-    def start_agent(self):
-        env = dict(os.environ)
-        env.update({
-            "NCCL_SWAP_Agent__SocketPath": self.socket,
-            "NCCL_SWAP_Agent__StateDirectory": os.path.join(self.folder.name, "state"),
-            "NCCL_SWAP_Agent__StagingDirectory": os.path.join(self.folder.name, "staging"),
-            "NCCL_SWAP_Agent__UpdatePolicy": "queue",
-            "NCCL_SWAP_Agent__Backend": "host",
-            f"NCCL_SWAP_Agent__Roles__Users__{os.getuid()}": "publisher,consumer,operator",
-        })
-        self.log = open(os.path.join(self.folder.name, "agent.log"), "ab")
-        self.agent = subprocess.Popen([AGENT, "serve"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.socket(socket.AF_UNIX) as probe:
-                    probe.connect(self.socket)
-                return
-            except OSError:
-                if self.agent.poll() is not None or time.monotonic() > deadline:
-                    self.fail(f"the agent did not start: {self.agent_log()}")
-                time.sleep(0.05)
+        self.agent = LocalAgent(AGENT, self.folder.name, Backend="host", UpdatePolicy="queue")
+        self.socket = self.agent.socket
 
     def agent_log(self):
-        with open(os.path.join(self.folder.name, "agent.log"), errors="replace") as f:
-            return f.read()
+        return self.agent.log()
 
     def tearDown(self):
-        if self.agent is not None and self.agent.poll() is None:
-            self.agent.send_signal(signal.SIGTERM)
-            self.agent.wait(30)
-        self.log.close()
+        self.agent.stop()
         self.folder.cleanup()
 
     def step_until(self, consumer, version, timeout=30.0):
@@ -163,13 +134,11 @@ class AgentTest(unittest.TestCase):
             synthetic.fill(publisher.region, 1)
             publisher.publish(1, wait=True).check()
             self.step_until(flip, 1)
-            self.agent.send_signal(signal.SIGKILL)
-            self.agent.wait(30)
-            self.log.close()
+            self.agent.kill()
             self.assertFalse(flip.step())
             self.assertTrue(synthetic.holds(flip.weights(), 1))  # its own memory: untouched by the agent's death
 
-            self.start_agent()
+            self.agent.start()
             deadline = time.monotonic() + 30
             while flip.sessions < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)

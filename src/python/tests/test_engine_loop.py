@@ -7,7 +7,6 @@ Needs PyTorch with a GPU, transformers and the agent; skipped otherwise, saying 
 
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,8 +29,9 @@ VERSIONS, PAUSE_AFTER = 6, 3
 @unittest.skipIf(not GPU or not TRANSFORMERS or AGENT is None, REASON + " and transformers")
 class EngineLoopTest(AgentOnGpu):
     def peer(self, *args):
-        return subprocess.Popen([sys.executable, "-m", "tests.engine_peers", *args], cwd=os.path.dirname(HERE),
-                                stdout=self.log, stderr=subprocess.STDOUT)
+        with open(os.path.join(self.folder.name, "peers.log"), "ab") as log:  # the child keeps its own descriptor
+            return subprocess.Popen([sys.executable, "-m", "tests.engine_peers", *args], cwd=os.path.dirname(HERE),
+                                    stdout=log, stderr=subprocess.STDOUT)
 
     def records(self, mode):
         path = os.path.join(self.folder.name, f"engine-{mode}.jsonl")
@@ -55,12 +55,11 @@ class EngineLoopTest(AgentOnGpu):
         try:
             self.wait_for(lambda: os.path.exists(os.path.join(folder, "trainer-paused"))
                           and all(any(r["version"] == PAUSE_AFTER for r in self.records(m)) for m in engines), f"both engines on version {PAUSE_AFTER}")
-            self.agent.send_signal(signal.SIGKILL)
-            self.agent.wait(10)
+            self.agent.kill()
             killed = {m: len(self.records(m)) for m in engines}
             time.sleep(3)  # the engines go on generating with no agent
             during = {m: self.records(m)[killed[m]:] for m in engines}
-            self.start_agent()
+            self.agent.start()
             open(os.path.join(folder, "resume"), "w").close()
             self.wait_for(lambda: all(any(r["version"] == VERSIONS for r in self.records(m)) for m in engines), f"both engines on version {VERSIONS}")
             self.assertEqual(trainer.wait(60), 0, "the trainer failed")

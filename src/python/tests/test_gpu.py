@@ -7,10 +7,6 @@ Needs PyTorch with a GPU and the agent ($NCCL_SWAP_AGENT, or the Release build);
 import faulthandler
 import os
 import shutil
-import signal
-import sys
-import socket
-import subprocess
 import tempfile
 import time
 import unittest
@@ -20,6 +16,8 @@ try:
     GPU = torch.cuda.is_available()
 except ImportError:
     GPU = False
+
+from nccl_swap.local_agent import LocalAgent
 
 from .test_agent import AGENT
 
@@ -40,50 +38,20 @@ class AgentOnGpu(unittest.TestCase):
 
     def setUp(self):
         self.folder = tempfile.TemporaryDirectory(prefix="nccl-swap-gpu-")
-        self.socket = os.path.join(self.folder.name, "agent.sock")
-        self.log = None
         faulthandler.dump_traceback_later(240, exit=True)  # a hang shows where it is, and ends
-        self.start_agent()
-
-    def start_agent(self):
-        env = dict(os.environ)
-        env.update({
-            "NCCL_SWAP_Agent__SocketPath": self.socket,
-            "NCCL_SWAP_Agent__StateDirectory": os.path.join(self.folder.name, "state"),
-            "NCCL_SWAP_Agent__StagingDirectory": os.path.join(self.folder.name, "staging"),
-            "NCCL_SWAP_Agent__UpdatePolicy": "queue",
-            "NCCL_SWAP_Agent__Backend": "cuda",
-            f"NCCL_SWAP_Agent__Roles__Users__{os.getuid()}": "publisher,consumer,operator",
-        })
-        if self.log is not None:
-            self.log.close()
-        self.log = open(os.path.join(self.folder.name, "agent.log"), "ab")
-        self.agent = subprocess.Popen([AGENT, "serve"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.socket(socket.AF_UNIX) as probe:
-                    probe.connect(self.socket)
-                return
-            except OSError:
-                if self.agent.poll() is not None or time.monotonic() > deadline:
-                    self.fail(f"the agent did not start: {self.agent_log()}")
-                time.sleep(0.05)
+        self.agent = LocalAgent(AGENT, self.folder.name, Backend="cuda", UpdatePolicy="queue")
+        self.socket = self.agent.socket
 
     def agent_log(self):
-        with open(os.path.join(self.folder.name, "agent.log"), errors="replace") as f:
-            return f.read()
+        return self.agent.log()
 
     def tearDown(self):
         faulthandler.cancel_dump_traceback_later()
-        if self.agent.poll() is None:
-            self.agent.send_signal(signal.SIGTERM)
-            self.agent.wait(30)
-        self.log.close()
+        self.agent.stop()
         logs = os.environ.get("NCCL_SWAP_TEST_LOGS")  # keep the agent's log of each test there
         if logs:
             os.makedirs(logs, exist_ok=True)
-            shutil.copy(os.path.join(self.folder.name, "agent.log"), os.path.join(logs, f"{self.id().split('.')[-1]}.agent.log"))
+            shutil.copy(self.agent.log_path, os.path.join(logs, f"{self.id().split('.')[-1]}.agent.log"))
         self.folder.cleanup()
 
     def step_until(self, consumer, version, timeout=30.0):
@@ -142,8 +110,7 @@ class GpuClientTest(AgentOnGpu):
             self.step_until(flip, 1)
             self.step_until(copy_in, 1)
             v1 = {n: t.clone() for n, t in trainer.items()}
-            self.agent.send_signal(signal.SIGKILL)
-            self.agent.wait(10)
+            self.agent.kill()
             for _ in range(200):  # the engines go on: their weights are their own
                 flip.step()
                 copy_in.step()
@@ -151,7 +118,7 @@ class GpuClientTest(AgentOnGpu):
                 self.assertTrue(torch.equal(flip_params[name].view(torch.uint8), want.view(torch.uint8)), f"flip after the kill, tensor {name}")
                 self.assertTrue(torch.equal(copy_params[name].view(torch.uint8), want.view(torch.uint8)), f"copy-in after the kill, tensor {name}")
             self.assertEqual((flip.version, copy_in.version), (1, 1))
-            self.start_agent()
+            self.agent.start()
             deadline = time.monotonic() + 30
             while True:
                 try:
