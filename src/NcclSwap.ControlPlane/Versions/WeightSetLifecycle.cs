@@ -905,6 +905,9 @@ internal sealed class WeightSetLifecycle : IDisposable
         if (!publisher.TryEnter())
             throw new UpdateException(Abi.Status.Canceled, "the publisher left before its snapshot was taken", UpdateResult.Abandoned);
         bool holdsPublisher = true;
+        RegionLayout packed = _layout!;
+        _placement ??= Place(publisher, packed.Length);
+        StagingBuffer? buffer = AcquireStaging(packed.Length); // outside the lock: a first file can take a while to pin
         try
         {
             lock (_membership)
@@ -916,8 +919,6 @@ internal sealed class WeightSetLifecycle : IDisposable
                         entered.Add(consumer);
                 if (entered.Count > 0 && entered.Count == Consumers.Count(c => c.Mode == ConsumerMode.Flip))
                 {
-                    RegionLayout packed = _layout!;
-                    _placement ??= Place(publisher, packed.Length);
                     var clock = Stopwatch.StartNew();
                     using (ICopyStream stream = Backend.CreateStream())
                     {
@@ -938,7 +939,8 @@ internal sealed class WeightSetLifecycle : IDisposable
                         if (Deliver(publisher.Region.Buffer, publisher.Layout, manifest, consumer, slot, outcome, copied: true) is { } failure)
                             throw new UpdateException(Abi.Status.Corrupt, $"{failure}; not activated", UpdateResult.Failed);
                     outcome.Snapshot = outcome.Stage + outcome.Verify;
-                    staged = new StagedVersion(outcome.Version, manifest, AcquireStaging(packed.Length), _pool, filled: false);
+                    staged = new StagedVersion(outcome.Version, manifest, buffer, _pool, filled: false);
+                    buffer = null;
                     Answer(job, Abi.Status.Ok, $"taken into {entered.Count} slot(s) in {outcome.Snapshot.TotalMilliseconds:0.00} ms");
                     publisher.Exit();
                     holdsPublisher = false;
@@ -957,6 +959,8 @@ internal sealed class WeightSetLifecycle : IDisposable
                 entered.Clear();
                 publisher.Exit();
                 holdsPublisher = false;
+                _pool.Return(buffer!);
+                buffer = null;
                 StagedVersion snapshot = TakeSnapshot(publisher, outcome);
                 Answer(job, Abi.Status.Ok, $"snapshot taken in {outcome.Snapshot.TotalMilliseconds:0.00} ms");
                 Update(job with { Source = snapshot });
@@ -974,6 +978,8 @@ internal sealed class WeightSetLifecycle : IDisposable
                 consumer.Exit();
             if (!activated)
                 staged?.Release();
+            if (buffer is not null)
+                _pool.Return(buffer);
         }
     }
 

@@ -193,8 +193,11 @@ class GpuConsumer:
                 self._sequence = (self._sequence + 1) & 0xFFFFFFFF or 1
                 self.gate.quiesce_then_wait(stream, self._sequence)
                 entry = session.request(abi.RequestKind.COPY_IN, self._sequence)
+                if not session.send(entry):
+                    self.gate.release(self._sequence)  # the agent never heard of it: the stream goes on, on the old bytes
+                    self.last_error = "copy-in: the request ring stayed full"
+                    return False
                 self._pending = (self._sequence, abi.Request.from_buffer_copy(entry).id, state, before)
-                session.send(entry)
             self.serving = state
             self.switches += 1
             return True
