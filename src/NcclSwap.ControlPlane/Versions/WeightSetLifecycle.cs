@@ -575,8 +575,8 @@ internal sealed class WeightSetLifecycle : IDisposable
         {
             if (state == 0)
                 response = Messages.NewResponse(request, Abi.Status.NotFound, $"no version of '{Name}' is active yet");
-            else if (source is null)
-                response = Messages.NewResponse(request, Abi.Status.NotFound, $"the bytes of version {VersionEntry.UnpackState(state).Version} were lost at a restart; the next version will do");
+            else if (source is null || !source.WaitFilled(_manager.Options.AckTimeout))
+                response = Messages.NewResponse(request, Abi.Status.NotFound, $"the staged bytes of version {VersionEntry.UnpackState(state).Version} are gone (a restart, or a copy that failed); the next version will do");
             else if (!consumer.TryEnter())
                 return; // it left: nobody to answer
             else
