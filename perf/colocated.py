@@ -7,7 +7,8 @@ measured on flat buffers just before); then nccl-swap publish -> verify -> activ
 copy-in consumer (the agent's own split of each update, and the engine's pause measured with CUDA events on the
 engine's stream around its per-step check); then the peers in a second process: per-tensor torch CUDA IPC
 ``copy_``, and 1 GiB buckets flattened, sent by IPC and unflattened. Every figure is also given as a multiple of T.
-Random bf16 weights, fresh before every version (never zeros). Prints a table per model; exits 1 if any engine's
+Random bf16 weights, fresh before every version (never zeros), versions --gap seconds apart (a training step:
+after activating, the agent fills its staged copy, and a publish that finds it busy takes the staging path). Prints a table per model; exits 1 if any engine's
 bytes differ from the trainer's.
 """
 
@@ -149,7 +150,7 @@ def same(a, b):
     return all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
 
 
-def swap(agent_path, trainer, mode, versions, folder):
+def swap(agent_path, trainer, mode, versions, folder, gap):
     """Publishes `versions` versions to one consumer in `mode`; returns per-version figures (ms) and whether bytes matched."""
     engine = {n: torch.nn.Parameter(torch.empty_like(t), requires_grad=False) for n, t in trainer.items()} if mode == FLIP else \
         {n: torch.empty_like(t) for n, t in trainer.items()}
@@ -161,6 +162,7 @@ def swap(agent_path, trainer, mode, versions, folder):
                 GpuConsumer("bench", engine, mode, agent.socket, timeout=600) as consumer:
             stream = torch.cuda.current_stream()
             for version in range(1, versions + 1):
+                time.sleep(gap)  # a trainer's step: the agent finishes the last version's staged copy meanwhile
                 for t in trainer.values():
                     t.normal_()
                 torch.cuda.synchronize()
@@ -203,6 +205,7 @@ def main():
     parser.add_argument("agent")
     parser.add_argument("--models", default="small,8b")
     parser.add_argument("--versions", type=int, default=6)
+    parser.add_argument("--gap", type=float, default=1.0, help="seconds between versions, as a training step would leave")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
     failed = False
@@ -218,7 +221,7 @@ def main():
             for mode in (FLIP, COPY_IN):
                 where = os.path.join(folder, mode.replace("-", ""))
                 os.makedirs(where)
-                rows, exact, placement = swap(args.agent, trainer, mode, args.versions, where)
+                rows, exact, placement = swap(args.agent, trainer, mode, args.versions, where, args.gap)
                 results[mode] = (rows[1:], exact, placement)  # the first version pays first touches: left out
                 failed |= not exact
         per_tensor, bucket = peers(shapes, trainer, 3)
