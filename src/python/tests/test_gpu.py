@@ -97,7 +97,7 @@ class GpuClientTest(AgentOnGpu):
             self.assertIn("staging in GPU memory", self.agent_log())
 
     def test_a_killed_agent_leaves_gpu_consumers_serving_and_a_restarted_one_brings_the_next_version(self):
-        from nccl_swap import COPY_IN, FLIP, ClosedError
+        from nccl_swap import COPY_IN, FLIP
         from nccl_swap.gpu import GpuConsumer, GpuPublisher
 
         trainer = trainer_tensors(2)
