@@ -96,10 +96,17 @@ public sealed class KernelArguments
 
     internal int Offset(int index) => _offsets[index];
 
-    public unsafe KernelArguments Add<T>(T value) where T : unmanaged
+    /// <summary>A scalar or pointer, aligned to its size.</summary>
+    public unsafe KernelArguments Add<T>(T value) where T : unmanaged => Add(in value, sizeof(T));
+
+    /// <summary>
+    /// A struct passed by value, at <paramref name="alignment"/> (its C alignment). Parameters may total 32764 bytes
+    /// on CUDA 12.1 and later (Volta and later GPUs); the driver copies them at launch, so the struct may change after.
+    /// </summary>
+    public unsafe KernelArguments Add<T>(in T value, int alignment) where T : unmanaged
     {
         int size = sizeof(T);
-        int offset = (_length + size - 1) / size * size;
+        int offset = (_length + alignment - 1) / alignment * alignment;
         if (offset + size > _bytes.Length)
             Array.Resize(ref _bytes, Math.Max(_bytes.Length * 2, offset + size));
         MemoryMarshal.Write(_bytes.AsSpan(offset), in value);

@@ -9,9 +9,6 @@ public sealed record TensorPlacement(string Name, string Dtype, long[] Shape, lo
     public string ShapeText => $"[{string.Join(", ", Shape)}]";
 }
 
-/// <summary>A contiguous run of bytes to copy between two regions laid out differently.</summary>
-public readonly record struct CopyRun(long From, long To, long Bytes);
-
 /// <summary>A layout that breaks a rule; the message names the tensor and the rule.</summary>
 public sealed class LayoutException(string message) : Exception(message);
 
@@ -176,6 +173,17 @@ public sealed class RegionLayout
             runs.Add(new CopyRun(source.Offset, destination.Offset, source.Bytes));
         }
         return runs;
+    }
+
+    /// <summary>
+    /// One run per tensor of <paramref name="from"/>, in its order (a manifest's), to where <paramref name="to"/> places
+    /// it: copies whose digests are the tensors' (<see cref="IBackend.CopyAndDigest"/>).
+    /// </summary>
+    public static List<CopyRun> TensorRuns(RegionLayout from, RegionLayout to)
+    {
+        if (from.Mismatch(to) is { } problem)
+            throw new LayoutException($"the layouts hold different tensors: {problem}");
+        return from.Tensors.Select(t => new CopyRun(t.Offset, to[t.Name].Offset, t.Bytes)).ToList();
     }
 
     /// <summary>The manifest of a version whose tensors, in this layout's order, have <paramref name="digests"/>.</summary>

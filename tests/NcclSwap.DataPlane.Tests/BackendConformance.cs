@@ -184,6 +184,87 @@ internal static class BackendConformance
     }
 
     /// <summary>
+    /// Many runs in one call (more than one kernel launch holds on CUDA), from a segmented source into device memory
+    /// and into mapped host memory: lengths from 0 to several tiles, odd and 16-byte-aligned offsets (copy engines
+    /// and kernel on CUDA). Every run lands, nothing between runs changes, and <see cref="IBackend.CopyAndDigest"/>
+    /// returns the CPU's digest of each run's source bytes.
+    /// </summary>
+    public static unsafe void CopiesManyRunsAtOnceAndDigestsWhatItRead(IBackend backend, int seed)
+    {
+        var random = new Random(seed);
+        int[] sizes = [3 * 1_048_576 + 5, 700_000];
+        long[] at = [0, 4L << 20];
+        var data = new List<byte[]>();
+        var parts = new List<(long At, IDeviceBuffer Buffer)>();
+        for (int i = 0; i < sizes.Length; i++)
+        {
+            data.Add(TestData.Random(sizes[i], random.Next()));
+            parts.Add((at[i], backend.Allocate(sizes[i])));
+            backend.Upload(data[i], parts[i].Buffer);
+        }
+        using var source = new SegmentedBuffer(parts, "test source");
+        const int Target = 8 << 20;
+        nint host = (nint)System.Runtime.InteropServices.NativeMemory.AlignedAlloc(Target, 4096);
+        try
+        {
+            using IDeviceBuffer device = backend.Allocate(Target);
+            using IDeviceBuffer mapped = backend.MapHost(host, Target, readOnly: false, "mapped target");
+            foreach ((IDeviceBuffer target, int count, bool digest) in new[] { (device, 700, false), (device, 300, true), (mapped, 40, true) })
+            {
+                byte[] background = TestData.Random(Target, random.Next());
+                backend.Upload(background, target);
+                byte[] expected = (byte[])background.Clone();
+                var runs = new List<CopyRun>();
+                var from = new List<byte[]>();
+                long next = 0;
+                for (int r = 0; r < count; r++)
+                {
+                    int part = r == 1 ? 0 : random.Next(sizes.Length);
+                    long length = r switch
+                    {
+                        0 => 0,
+                        1 => 1_048_576 + 4096 * 3 + 17, // several tiles, a short last leaf
+                        2 => 4096 * 130,
+                        _ => random.Next(4) == 0 ? 4096 * random.Next(1, 4) : random.Next(1, 9000),
+                    };
+                    bool aligned = random.Next(3) > 0;
+                    long offset = random.NextInt64(sizes[part] - length + 1);
+                    long to = next + (aligned ? 0 : random.Next(1, 16));
+                    if (aligned)
+                        offset &= ~15L;
+                    if (to + length > Target)
+                        break;
+                    runs.Add(new CopyRun(at[part] + offset, to, length));
+                    from.Add(data[part].AsSpan((int)offset, (int)length).ToArray());
+                    from[^1].CopyTo(expected, to);
+                    next = (to + length + 16 + random.Next(64)) & ~15L;
+                }
+                if (digest)
+                {
+                    Digest[] digests = backend.CopyAndDigest(target, source, runs);
+                    Assert.Equal(runs.Count, digests.Length);
+                    for (int r = 0; r < runs.Count; r++)
+                        Assert.True(BlockDigest.Compute(from[r]) == digests[r], $"run {r} of {runs.Count} ({runs[r]}), seed {seed}");
+                }
+                else
+                    using (ICopyStream stream = backend.CreateStream())
+                    {
+                        stream.CopyAsync(target, source, runs);
+                        stream.Synchronize();
+                    }
+                byte[] after = new byte[Target];
+                backend.Download(target, 0, after);
+                int wrong = after.AsSpan().CommonPrefixLength(expected);
+                Assert.True(wrong == Target, $"{target}: byte {wrong} differs after {runs.Count} runs (digest: {digest}), seed {seed}");
+            }
+        }
+        finally
+        {
+            System.Runtime.InteropServices.NativeMemory.AlignedFree((void*)host);
+        }
+    }
+
+    /// <summary>
     /// A stream waits for a 32-bit word of mapped host memory that the CPU writes later, and writes one after its
     /// copies, which the CPU then reads with the copy's bytes in place (the gate of a GPU consumer).
     /// </summary>

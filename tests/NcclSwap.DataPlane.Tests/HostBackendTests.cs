@@ -49,6 +49,13 @@ public class HostBackendTests
     }
 
     [Fact]
+    public void Many_runs_copy_in_one_call_and_a_copy_digests_what_it_read()
+    {
+        using var backend = new HostBackend();
+        BackendConformance.CopiesManyRunsAtOnceAndDigestsWhatItRead(backend, TestData.NewSeed());
+    }
+
+    [Fact]
     public void A_stream_waits_for_a_word_written_later_and_writes_one_after_its_copies()
     {
         using var backend = new HostBackend();

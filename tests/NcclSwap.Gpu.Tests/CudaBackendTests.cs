@@ -41,6 +41,14 @@ public class CudaBackendTests
     }
 
     [Fact]
+    public void Many_runs_copy_in_one_launch_and_a_copy_digests_what_it_read_like_the_cpu()
+    {
+        Gpu.RequireContext().Dispose();
+        using var backend = new CudaBackend(0);
+        BackendConformance.CopiesManyRunsAtOnceAndDigestsWhatItRead(backend, TestData.NewSeed());
+    }
+
+    [Fact]
     public void A_stream_waits_on_the_gpu_for_a_word_the_cpu_writes_later_and_writes_one_after_its_copies()
     {
         Gpu.RequireContext().Dispose();

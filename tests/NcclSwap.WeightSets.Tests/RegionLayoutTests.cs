@@ -1,4 +1,5 @@
 using System.Text.Json;
+using NcclSwap.DataPlane;
 using NcclSwap.Testing;
 
 namespace NcclSwap.WeightSets.Tests;

@@ -46,6 +46,22 @@ public interface IBackend : IDisposable
     /// <summary>The <see cref="BlockDigest"/> of each range of <paramref name="buffer"/> (a <see cref="SegmentedBuffer"/> too: each range in one segment), in order, computed where the backend computes (the GPU for CUDA, in one batch); waits for them.</summary>
     Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges);
 
+    /// <summary>
+    /// Copies each run from <paramref name="source"/> to <paramref name="destination"/> (either may be a <see cref="SegmentedBuffer"/>:
+    /// each run within one segment) and returns the <see cref="BlockDigest"/> of each run's bytes as they were read
+    /// from the source, in order; waits for both. A copy checked later against these digests is checked against
+    /// the source itself. The CUDA backend hashes while it copies, so the digests cost little more than the copy.
+    /// </summary>
+    Digest[] CopyAndDigest(IDeviceBuffer destination, IDeviceBuffer source, IReadOnlyList<CopyRun> runs)
+    {
+        using (ICopyStream stream = CreateStream())
+        {
+            stream.CopyAsync(destination, source, runs);
+            stream.Synchronize();
+        }
+        return Digests(source, runs.Select(r => (r.From, r.Bytes)).ToList());
+    }
+
     /// <summary>Copies host bytes into a device buffer and waits for the copy.</summary>
     void Upload(ReadOnlySpan<byte> source, IDeviceBuffer destination, long offset = 0);
 
@@ -58,6 +74,9 @@ public interface IBackend : IDisposable
     /// <summary>Joins the collective <paramref name="id"/> as <paramref name="rank"/> of <paramref name="size"/>; every wait inside has <paramref name="timeout"/>.</summary>
     ICollective JoinCollective(string id, int rank, int size, TimeSpan timeout);
 }
+
+/// <summary>A contiguous run of bytes to copy between two buffers (or regions laid out differently): from offset <paramref name="From"/> of the source to <paramref name="To"/> of the destination.</summary>
+public readonly record struct CopyRun(long From, long To, long Bytes);
 
 /// <summary>A range of device memory (or its host stand-in).</summary>
 public interface IDeviceBuffer : IDisposable
@@ -76,6 +95,17 @@ public interface ICopyStream : IDisposable
 
     /// <summary>Device to device.</summary>
     void CopyAsync(IDeviceBuffer destination, long destinationOffset, IDeviceBuffer source, long sourceOffset, long length);
+
+    /// <summary>
+    /// Many runs from <paramref name="source"/> to <paramref name="destination"/> (either may be a <see cref="SegmentedBuffer"/>:
+    /// each run within one segment), in as few operations as the backend can: on CUDA one kernel launch for all
+    /// the runs between device memory, however many tensors they are.
+    /// </summary>
+    void CopyAsync(IDeviceBuffer destination, IDeviceBuffer source, IReadOnlyList<CopyRun> runs)
+    {
+        foreach (CopyRun run in runs)
+            SegmentedBuffer.CopyAsync(this, destination, run.To, source, run.From, run.Bytes);
+    }
 
     void FillAsync(IDeviceBuffer destination, long offset, long length, byte value);
 

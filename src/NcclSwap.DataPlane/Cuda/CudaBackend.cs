@@ -25,14 +25,14 @@ public sealed class CudaBackend : IBackend
 
     public IDeviceBuffer Allocate(long length) => new CudaDeviceBuffer(DeviceBuffer.Allocate(Context, length));
 
-    public ICopyStream CreateStream() => new CudaCopyStream(CudaStream.Create(Context));
+    public ICopyStream CreateStream() => new CudaCopyStream(CudaStream.Create(Context), this);
 
     public IDeviceEvent CreateEvent() => new CudaDeviceEvent(CudaEvent.Create(Context));
 
     public IDeviceBuffer MapHost(nint pointer, long length, bool readOnly, string name)
     {
         MappedHostMemory mapped = MappedHostMemory.Register(Context, pointer, length, readOnly);
-        return new CudaDeviceBuffer(mapped.Buffer, mapped, name);
+        return new CudaDeviceBuffer(mapped.Buffer, mapped, name, onHost: true);
     }
 
     public IDeviceBuffer OpenIpc(CuIpcMemHandle handle, long offset, long length, string name)
@@ -71,6 +71,51 @@ public sealed class CudaBackend : IBackend
         return digests;
     }
 
+    /// <summary>
+    /// Runs between device memory (16-byte aligned) are copied by the digest kernel as it hashes them, all in one
+    /// launch; the others are copied with <c>cuMemcpy</c> (the copy engines: host memory, odd addresses) and their
+    /// source digested in the same launch.
+    /// </summary>
+    public Digest[] CopyAndDigest(IDeviceBuffer destination, IDeviceBuffer source, IReadOnlyList<CopyRun> runs)
+    {
+        var ranges = new List<(ulong Destination, ulong Source, long Length)>(runs.Count);
+        lock (_digestLock)
+        {
+            _digest ??= new GpuDigest(Context);
+            _digestStream ??= CudaStream.Create(Context);
+            foreach (CopyRun run in runs)
+            {
+                (IDeviceBuffer to, long at) = SegmentedBuffer.Resolve(destination, run.To, run.Bytes);
+                (IDeviceBuffer from, long offset) = SegmentedBuffer.Resolve(source, run.From, run.Bytes);
+                CudaDeviceBuffer target = AsCudaBuffer(to), origin = AsCudaBuffer(from);
+                ulong d = target.Buffer.At(at, run.Bytes), s = origin.Buffer.At(offset, run.Bytes);
+                if (KernelCopies(target, origin, d, s))
+                    ranges.Add((d, s, run.Bytes));
+                else
+                {
+                    if (run.Bytes > 0)
+                        _digestStream.CopyAsync(target.Buffer, at, origin.Buffer, offset, run.Bytes);
+                    ranges.Add((0, s, run.Bytes));
+                }
+            }
+            return _digest.CopyAndDigest(ranges, _digestStream);
+        }
+    }
+
+    /// <summary>The kernels of <see cref="GpuDigest"/>; its batched copies need no lock.</summary>
+    internal GpuDigest Kernels
+    {
+        get
+        {
+            lock (_digestLock)
+                return _digest ??= new GpuDigest(Context);
+        }
+    }
+
+    /// <summary>Whether the copy kernel moves these bytes: device memory on both sides (host memory goes over the copy engines), aligned.</summary>
+    internal static bool KernelCopies(CudaDeviceBuffer to, CudaDeviceBuffer from, ulong destination, ulong source) =>
+        !to.OnHost && !from.OnHost && GpuDigest.CanCopy(destination, source);
+
     public void Upload(ReadOnlySpan<byte> source, IDeviceBuffer destination, long offset = 0) =>
         AsCuda(destination).CopyFrom(source, offset);
 
@@ -90,15 +135,20 @@ public sealed class CudaBackend : IBackend
         Context.Dispose();
     }
 
-    internal static DeviceBuffer AsCuda(IDeviceBuffer buffer) => Backend.As<CudaDeviceBuffer>(buffer, "cuda").Buffer;
+    internal static DeviceBuffer AsCuda(IDeviceBuffer buffer) => AsCudaBuffer(buffer).Buffer;
+
+    internal static CudaDeviceBuffer AsCudaBuffer(IDeviceBuffer buffer) => Backend.As<CudaDeviceBuffer>(buffer, "cuda");
 
     internal static CudaStream AsCuda(ICopyStream stream) => Backend.As<CudaCopyStream>(stream, "cuda").Stream;
 }
 
 /// <summary>A <see cref="DeviceBuffer"/> seen through the backend seam; <c>owner</c>, if any, is what Dispose releases along with it.</summary>
-public sealed class CudaDeviceBuffer(DeviceBuffer buffer, IDisposable? owner = null, string? name = null) : IDeviceBuffer
+public sealed class CudaDeviceBuffer(DeviceBuffer buffer, IDisposable? owner = null, string? name = null, bool onHost = false) : IDeviceBuffer
 {
     public DeviceBuffer Buffer { get; } = buffer;
+
+    /// <summary>Page-locked host memory mapped into the device's address space (<see cref="CudaBackend.MapHost"/>).</summary>
+    public bool OnHost { get; } = onHost;
 
     public long Length => Buffer.Length;
 
@@ -111,9 +161,30 @@ public sealed class CudaDeviceBuffer(DeviceBuffer buffer, IDisposable? owner = n
     public override string ToString() => name is null ? Buffer.ToString() : $"{name} ({Buffer})";
 }
 
-internal sealed class CudaCopyStream(CudaStream stream) : ICopyStream
+internal sealed class CudaCopyStream(CudaStream stream, CudaBackend backend) : ICopyStream
 {
     public CudaStream Stream { get; } = stream;
+
+    /// <summary>The runs between device memory in one launch of the copy kernel; the others with <c>cuMemcpy</c>.</summary>
+    public void CopyAsync(IDeviceBuffer destination, IDeviceBuffer source, IReadOnlyList<CopyRun> runs)
+    {
+        var batch = new List<(ulong Destination, ulong Source, long Length)>(runs.Count);
+        foreach (CopyRun run in runs)
+        {
+            if (run.Bytes == 0)
+                continue;
+            (IDeviceBuffer to, long at) = SegmentedBuffer.Resolve(destination, run.To, run.Bytes);
+            (IDeviceBuffer from, long offset) = SegmentedBuffer.Resolve(source, run.From, run.Bytes);
+            CudaDeviceBuffer target = CudaBackend.AsCudaBuffer(to), origin = CudaBackend.AsCudaBuffer(from);
+            ulong d = target.Buffer.At(at, run.Bytes), s = origin.Buffer.At(offset, run.Bytes);
+            if (CudaBackend.KernelCopies(target, origin, d, s))
+                batch.Add((d, s, run.Bytes));
+            else
+                Stream.CopyAsync(target.Buffer, at, origin.Buffer, offset, run.Bytes);
+        }
+        if (batch.Count > 0)
+            backend.Kernels.EnqueueCopy(batch, Stream);
+    }
 
     public void CopyAsync(IDeviceBuffer destination, long destinationOffset, PinnedBuffer source, long sourceOffset, long length) =>
         Stream.CopyAsync(CudaBackend.AsCuda(destination), destinationOffset, source, sourceOffset, length);

@@ -1,14 +1,22 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using NcclSwap.Cuda;
 
 namespace NcclSwap.DataPlane;
 
 /// <summary>
-/// <see cref="BlockDigest"/> on the GPU: the leaf and level kernels of native/kernels/digest.cu, loaded from
-/// the embedded PTX. The result is bit-for-bit the CPU's digest of the same bytes.
+/// <see cref="BlockDigest"/> on the GPU, and copies that come with it: the kernels of native/kernels/digest.cu,
+/// loaded from the embedded PTX. A batch of ranges (a model's tensors) costs one launch of the leaf kernel and one
+/// per tree level, however many ranges it holds; the leaf kernel copies each range on the way when asked, so that a
+/// copy yields the digests of the bytes it read. Results are bit-for-bit the CPU's digests of the same bytes.
 /// </summary>
 public sealed class GpuDigest : IDisposable
 {
-    private const uint LeafThreads = 128; // TILE_LEAVES in digest.cu
+    /// <summary>Ranges per launch: MAX_RANGES in digest.cu (their descriptors travel as a kernel parameter).</summary>
+    public const int MaxRanges = 640;
+
+    private const uint TileThreads = 256; // 2 * TILE_LEAVES in digest.cu
+    private const long TileLeaves = 128;
     private const uint LevelThreads = 128;
 
     private readonly CudaModule _module;
@@ -20,65 +28,157 @@ public sealed class GpuDigest : IDisposable
     {
         Context = context;
         _module = CudaModule.LoadPtx(context, LoadPtx());
-        _leaves = _module.GetKernel("digest_leaves");
-        _level = _module.GetKernel("digest_level");
+        _leaves = _module.GetKernel("copy_digest_ranges");
+        _level = _module.GetKernel("digest_level_ranges");
     }
 
     public CudaContext Context { get; }
 
+    /// <summary>
+    /// Whether <see cref="CopyAndDigest"/> and <see cref="EnqueueCopy"/> copy between these addresses themselves
+    /// (both 16-byte aligned); the caller copies the others with <c>cuMemcpy</c> and digests their source.
+    /// </summary>
+    public static bool CanCopy(ulong destination, ulong source) => ((destination | source) & 15) == 0;
+
     /// <summary>The digest of <paramref name="length"/> bytes at <paramref name="offset"/> of <paramref name="buffer"/>, computed on <paramref name="stream"/>; waits for it.</summary>
-    public Digest Compute(DeviceBuffer buffer, long offset, long length, CudaStream stream)
+    public Digest Compute(DeviceBuffer buffer, long offset, long length, CudaStream stream) =>
+        Compute([(buffer, offset, length)], stream)[0];
+
+    /// <summary>
+    /// The digests of many ranges (of one buffer or several), in one batch: one wait and one download of all the
+    /// roots. Not thread-safe (the scratch memory serves one batch at a time).
+    /// </summary>
+    public Digest[] Compute(IReadOnlyList<(DeviceBuffer Buffer, long Offset, long Length)> ranges, CudaStream stream) =>
+        Run(ranges.Select(r => new Range(r.Buffer.At(r.Offset, r.Length), 0, r.Length)).ToList(), stream);
+
+    /// <summary>
+    /// Copies each range from Source to Destination (device addresses, <see cref="CanCopy"/>) and returns the digests
+    /// of the bytes read; a range whose Destination is 0 is only digested. Waits for both. Not thread-safe.
+    /// </summary>
+    public Digest[] CopyAndDigest(IReadOnlyList<(ulong Destination, ulong Source, long Length)> ranges, CudaStream stream)
     {
-        Pending pending = Enqueue(buffer, offset, length, stream);
-        stream.Synchronize();
-        return pending.Result();
+        foreach ((ulong destination, ulong source, _) in ranges)
+            if (destination != 0 && !CanCopy(destination, source))
+                throw new ArgumentException($"0x{source:x} -> 0x{destination:x}: the copy kernel needs both addresses 16-byte aligned");
+        return Run(ranges.Select(r => new Range(r.Source, r.Destination, r.Length)).ToList(), stream);
     }
 
     /// <summary>
-    /// Enqueues the digest kernels on <paramref name="stream"/> and returns at once; read the result with
-    /// <see cref="Pending.Result"/> after the stream has passed this point, and before the next Enqueue
-    /// (the scratch memory is reused). Not thread-safe.
+    /// Enqueues copies of many ranges (device addresses, <see cref="CanCopy"/>) on <paramref name="stream"/> as one
+    /// launch per <see cref="MaxRanges"/> and returns at once. Thread-safe: it uses no scratch memory.
     /// </summary>
-    public Pending Enqueue(DeviceBuffer buffer, long offset, long length, CudaStream stream)
+    public void EnqueueCopy(IReadOnlyList<(ulong Destination, ulong Source, long Length)> ranges, CudaStream stream)
     {
-        ulong data = buffer.At(offset, length);
-        EnsureScratch(ScratchWords(length));
-        long root = EnqueueAt(data, length, _scratch!.Address, stream);
-        return new Pending(_scratch, root * 8, length);
-    }
-
-    /// <summary>
-    /// The digests of many ranges (of one buffer or several): every range's kernels enqueued on <paramref name="stream"/>
-    /// into scratch of its own, then one wait and one download of all the roots (a digest per range would pay a
-    /// wait and a download each, which for a model's hundreds of tensors costs more than the hashing).
-    /// </summary>
-    public Digest[] Compute(IReadOnlyList<(DeviceBuffer Buffer, long Offset, long Length)> ranges, CudaStream stream)
-    {
-        var at = new long[ranges.Count];
-        var data = new ulong[ranges.Count];
-        long words = ranges.Count; // the roots, gathered at the start
-        for (int i = 0; i < ranges.Count; i++)
+        var entries = new List<RangeEntry>(ranges.Count);
+        foreach ((ulong destination, ulong source, long length) in ranges)
         {
-            data[i] = ranges[i].Buffer.At(ranges[i].Offset, ranges[i].Length); // checks the range
-            at[i] = words;
-            words += ScratchWords(ranges[i].Length);
+            if (!CanCopy(destination, source))
+                throw new ArgumentException($"0x{source:x} -> 0x{destination:x}: the copy kernel needs both addresses 16-byte aligned");
+            if (length > 0)
+                entries.Add(new RangeEntry { Source = source, Destination = destination, Length = (ulong)length });
+        }
+        LaunchLeaves(CollectionsMarshal.AsSpan(entries), stream);
+    }
+
+    private readonly record struct Range(ulong Source, ulong Destination, long Length);
+
+    /// <summary>Leaves of every range (copying those with a destination), then their levels a level at a time, each root landing in word i of the scratch memory.</summary>
+    private Digest[] Run(List<Range> ranges, CudaStream stream)
+    {
+        int n = ranges.Count;
+        if (n == 0)
+            return [];
+        var next = new long[n]; // each range's next free word of scratch
+        long words = n; // the roots come first
+        for (int i = 0; i < n; i++)
+        {
+            next[i] = words;
+            words = checked(words + ScratchWords(ranges[i].Length));
         }
         EnsureScratch(words);
         ulong scratch = _scratch!.Address;
-        for (int i = 0; i < ranges.Count; i++)
+        ulong Root(int i) => scratch + (ulong)i * 8;
+
+        var entries = new RangeEntry[n];
+        var input = new ulong[n];
+        var count = new long[n];
+        for (int i = 0; i < n; i++)
         {
-            long root = EnqueueAt(data[i], ranges[i].Length, scratch + (ulong)at[i] * 8, stream);
-            stream.CopyAsync(_scratch, i * 8L, _scratch, root * 8, 8);
+            count[i] = BlockDigest.LeafCount(ranges[i].Length);
+            input[i] = count[i] == 1 ? Root(i) : scratch + (ulong)next[i] * 8;
+            next[i] += count[i];
+            entries[i] = new RangeEntry { Source = ranges[i].Source, Destination = ranges[i].Destination, Length = (ulong)ranges[i].Length, Leaves = input[i] };
         }
-        var roots = new ulong[ranges.Count];
+        LaunchLeaves(entries, stream);
+
+        var level = new List<LevelEntry>(n);
+        while (true)
+        {
+            level.Clear();
+            for (int i = 0; i < n; i++)
+            {
+                if (count[i] == 1)
+                    continue;
+                long groups = (count[i] + BlockDigest.Fanout - 1) / BlockDigest.Fanout;
+                ulong output = groups == 1 ? Root(i) : scratch + (ulong)next[i] * 8;
+                level.Add(new LevelEntry { Input = input[i], Count = (ulong)count[i], Output = output });
+                (input[i], count[i]) = (output, groups);
+                next[i] += groups;
+            }
+            if (level.Count == 0)
+                break;
+            LaunchLevels(CollectionsMarshal.AsSpan(level), stream);
+        }
+
+        var roots = new ulong[n];
         stream.Synchronize();
-        _scratch.CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(roots.AsSpan()));
-        var digests = new Digest[ranges.Count];
-        for (int i = 0; i < ranges.Count; i++)
+        _scratch.CopyTo(MemoryMarshal.AsBytes(roots.AsSpan()));
+        var digests = new Digest[n];
+        for (int i = 0; i < n; i++)
             digests[i] = BlockDigest.FromRoot(roots[i], ranges[i].Length);
         return digests;
     }
 
+    private void LaunchLeaves(Span<RangeEntry> entries, CudaStream stream)
+    {
+        for (int start = 0; start < entries.Length; start += MaxRanges)
+        {
+            var batch = new RangeBatch();
+            int count = Math.Min(MaxRanges, entries.Length - start);
+            ulong tiles = 0;
+            for (int i = 0; i < count; i++)
+            {
+                RangeEntry entry = entries[start + i];
+                entry.FirstTile = tiles;
+                batch.Entries[i] = entry;
+                tiles += (ulong)((BlockDigest.LeafCount((long)entry.Length) + TileLeaves - 1) / TileLeaves);
+            }
+            batch.Count = (uint)count;
+            _leaves.Launch(checked((uint)tiles), TileThreads, stream, new KernelArguments().Add(in batch, 8));
+        }
+    }
+
+    private void LaunchLevels(Span<LevelEntry> entries, CudaStream stream)
+    {
+        for (int start = 0; start < entries.Length; start += MaxRanges)
+        {
+            var batch = new LevelBatch();
+            int count = Math.Min(MaxRanges, entries.Length - start);
+            ulong blocks = 0;
+            for (int i = 0; i < count; i++)
+            {
+                LevelEntry entry = entries[start + i];
+                entry.FirstBlock = blocks;
+                batch.Entries[i] = entry;
+                ulong groups = (entry.Count + BlockDigest.Fanout - 1) / BlockDigest.Fanout;
+                blocks += (groups + LevelThreads - 1) / LevelThreads;
+            }
+            batch.Count = (uint)count;
+            _level.Launch(checked((uint)blocks), LevelThreads, stream, new KernelArguments().Add(in batch, 8));
+        }
+    }
+
+    /// <summary>Words of scratch for one range's leaves and all its levels above them.</summary>
     private static long ScratchWords(long length)
     {
         long leaves = BlockDigest.LeafCount(length);
@@ -90,37 +190,58 @@ public sealed class GpuDigest : IDisposable
         if (_scratch is null || _scratch.Length < words * 8)
         {
             _scratch?.Dispose();
+            _scratch = null;
             _scratch = DeviceBuffer.Allocate(Context, words * 8);
         }
     }
 
-    /// <summary>Enqueues the kernels over <paramref name="length"/> bytes at <paramref name="data"/>, hashes from <paramref name="scratch"/> on; returns the root's word index in the scratch buffer.</summary>
-    private long EnqueueAt(ulong data, long length, ulong scratch, CudaStream stream)
+    // The kernels' parameter structs (range_desc, range_batch, level_desc, level_batch in digest.cu).
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct RangeEntry
     {
-        long leaves = BlockDigest.LeafCount(length);
-        ulong input = scratch;
-        _leaves.Launch(checked((uint)((leaves + LeafThreads - 1) / LeafThreads)), LeafThreads, stream,
-            new KernelArguments().Add(data).Add((ulong)length).Add(input));
-        ulong output = input + (ulong)leaves * 8;
-        for (long count = leaves; count > 1;)
-        {
-            long groups = (count + BlockDigest.Fanout - 1) / BlockDigest.Fanout;
-            _level.Launch(checked((uint)((groups + LevelThreads - 1) / LevelThreads)), LevelThreads, stream,
-                new KernelArguments().Add(input).Add((ulong)count).Add(output));
-            (input, output, count) = (output, output + (ulong)groups * 8, groups);
-        }
-        return (long)(input - _scratch!.Address) / 8;
+        public ulong Source;
+        public ulong Destination; // 0: digest only
+        public ulong Length;
+        public ulong Leaves;      // 0: copy only
+        public ulong FirstTile;
     }
 
-    /// <summary>A digest whose kernels are enqueued; the root hash lands at <c>rootOffset</c> of the scratch buffer.</summary>
-    public readonly struct Pending(DeviceBuffer scratch, long rootOffset, long length)
+    [InlineArray(MaxRanges)]
+    private struct RangeEntries
     {
-        public Digest Result()
-        {
-            Span<byte> root = stackalloc byte[8];
-            scratch.CopyTo(root, rootOffset);
-            return BlockDigest.FromRoot(BitConverter.ToUInt64(root), length);
-        }
+        private RangeEntry _first;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct RangeBatch
+    {
+        public uint Count;
+        public uint Reserved;
+        public RangeEntries Entries;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct LevelEntry
+    {
+        public ulong Input;
+        public ulong Count;
+        public ulong Output;
+        public ulong FirstBlock;
+    }
+
+    [InlineArray(MaxRanges)]
+    private struct LevelEntries
+    {
+        private LevelEntry _first;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct LevelBatch
+    {
+        public uint Count;
+        public uint Reserved;
+        public LevelEntries Entries;
     }
 
     public void Dispose()
