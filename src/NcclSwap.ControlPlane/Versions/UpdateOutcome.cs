@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using NcclSwap.ControlPlane.Abi;
 
 namespace NcclSwap.ControlPlane.Versions;
@@ -46,6 +47,14 @@ public sealed class UpdateOutcome(string weightSet, ulong version, bool rollback
     /// <summary>Status code a waiting publisher or operator is answered with.</summary>
     public int Status { get; internal set; } = Abi.Status.Ok;
 
+    private readonly long _received = Stopwatch.GetTimestamp();
+
+    /// <summary>From the request to the first copy of its bytes: its dispatch, the worker's start, a staging buffer.</summary>
+    public TimeSpan Start { get; private set; }
+
+    /// <summary>The first copy of the version's bytes begins now.</summary>
+    internal void Started() => Start = Stopwatch.GetElapsedTime(_received);
+
     /// <summary>The copy from the publisher's memory and the digest of its bytes (the manifest), while the publisher waits.</summary>
     public TimeSpan Snapshot { get; internal set; }
 
@@ -78,7 +87,7 @@ public sealed class UpdateOutcome(string weightSet, ulong version, bool rollback
     public override string ToString()
     {
         string what = IsRollback ? $"rollback to version {Version}" : $"version {Version}";
-        string figures = $"{Bytes} bytes; snapshot {Snapshot.TotalMilliseconds:0.0} ms, ack wait {AckWait.TotalMilliseconds:0.0} ms, stage {Stage.TotalMilliseconds:0.0} ms, verify {Verify.TotalMilliseconds:0.0} ms, activate {Activate.TotalMilliseconds:0.0} ms; {Consumers} flip consumer(s)";
+        string figures = $"{Bytes} bytes; snapshot {Snapshot.TotalMilliseconds:0.0} ms, ack wait {AckWait.TotalMilliseconds:0.0} ms, stage {Stage.TotalMilliseconds:0.0} ms, verify {Verify.TotalMilliseconds:0.0} ms, activate {Activate.TotalMilliseconds:0.0} ms; {Consumers} flip consumer(s){(IsRollback ? "" : $"; first copy {Start.TotalMilliseconds:0.0} ms after the request")}";
         string extra = (Resent > 0 ? $"; {Resent} tensor(s) re-sent" : "") + (Evicted.Count > 0 ? $"; ended: {string.Join(", ", Evicted)}" : "");
         return $"{WeightSet} {what}: {Result.ToString().ToLowerInvariant()}{(Detail.Length > 0 ? $" ({Detail})" : "")}; {figures}{extra}";
     }

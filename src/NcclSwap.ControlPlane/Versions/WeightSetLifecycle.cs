@@ -388,11 +388,11 @@ internal sealed class WeightSetLifecycle : IDisposable
             RegionLayout packed = _layout!;
             _placement ??= Place(publisher, packed.Length);
             buffer = AcquireStaging(packed.Length);
-            Copy(publisher.Region.Buffer, buffer.Buffer, RegionLayout.CopyRuns(publisher.Layout, packed));
-            TimeSpan copy = clock.Elapsed;
-            Manifest manifest = publisher.Layout.ToManifest(Backend.Digests(publisher.Region.Buffer, Ranges(publisher.Layout)));
+            outcome.Started();
+            // The manifest: the digests of the publisher's bytes, taken as they are copied.
+            Manifest manifest = publisher.Layout.ToManifest(Backend.CopyAndDigest(buffer.Buffer, publisher.Region.Buffer, RegionLayout.TensorRuns(publisher.Layout, packed)));
             outcome.Snapshot = clock.Elapsed;
-            _copyRate = outcome.Bytes / Math.Max(copy.TotalSeconds, 1e-9);
+            _copyRate = outcome.Bytes / Math.Max(clock.Elapsed.TotalSeconds, 1e-9);
             var staged = new StagedVersion(outcome.Version, manifest, buffer, _pool);
             buffer = null;
             return staged;
@@ -455,6 +455,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                     _shadowLastGood = true;
                     placement = $"staging in GPU memory: 2 × {Units.Bytes(length)} {of}; the last good version in a page-locked host file (a rollback copies over the host link)";
                     Log.LogInformation("{Set}: {Placement}", Name, placement);
+                    PrepareShadow(length);
                     return placement;
                 }
                 why = $"2 × {Units.Bytes(length)} would leave less than {Units.Bytes(spare)} {of}";
@@ -463,7 +464,27 @@ internal sealed class WeightSetLifecycle : IDisposable
             placement = $"staging in page-locked host files ({why}): copies between them and the GPU run at the host link's speed";
         }
         Log.LogInformation("{Set}: {Placement}", Name, placement);
+        if (_shadowLastGood)
+            PrepareShadow(length);
         return placement;
+    }
+
+    /// <summary>
+    /// Makes and pins the host file the first shadow goes to, now: pinning gigabytes takes seconds and holds the
+    /// driver meanwhile, which must not happen while a consumer's stream waits for a copy-in.
+    /// </summary>
+    private void PrepareShadow(long length)
+    {
+        var clock = Stopwatch.StartNew();
+        try
+        {
+            _pool.Return(_pool.Acquire(length, StagingPlace.HostFiles));
+            Log.LogInformation("{Set}: a page-locked host file for the last good version made ready in {Ms:0} ms", Name, clock.Elapsed.TotalMilliseconds);
+        }
+        catch (Exception e) when (e is IOException or NcclSwap.Cuda.CudaException or UnauthorizedAccessException)
+        {
+            Log.LogWarning("{Set}: no host file for the last good version could be made ready ({Reason}); it stays in GPU memory until one can", Name, e.Message);
+        }
     }
 
     /// <summary>A staging buffer where <see cref="Place"/> said; if the device has no room for this one, a host file.</summary>
@@ -652,8 +673,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                     using (IDeviceEvent copied = Backend.CreateEvent())
                     {
                         stream.WaitValue(gate.Region.Buffer, ConsumerGate.QuiescedOffset, sequence);
-                        foreach (CopyRun run in RegionLayout.CopyRuns(source.Layout, consumer.Layout, joinGaps: false))
-                            SegmentedBuffer.CopyAsync(stream, target.Buffer, run.To, source.Buffer.Buffer, run.From, run.Bytes);
+                        stream.CopyAsync(target.Buffer, source.Buffer.Buffer, RegionLayout.CopyRuns(source.Layout, consumer.Layout, joinGaps: false));
                         stream.WriteValue(gate.Region.Buffer, ConsumerGate.DoneOffset, sequence);
                         stream.Record(copied);
                         WaitForGate(consumer, gate, sequence, copied);
@@ -919,22 +939,21 @@ internal sealed class WeightSetLifecycle : IDisposable
                         entered.Add(consumer);
                 if (entered.Count > 0 && entered.Count == Consumers.Count(c => c.Mode == ConsumerMode.Flip))
                 {
+                    // The first slot's copy yields the manifest (the digests of the publisher's bytes as read); the others are copies.
+                    outcome.Started();
                     var clock = Stopwatch.StartNew();
-                    using (ICopyStream stream = Backend.CreateStream())
-                    {
-                        foreach (ConsumerRegistration consumer in entered)
+                    Manifest manifest = publisher.Layout.ToManifest(
+                        Backend.CopyAndDigest(entered[0].Slot(slot).Buffer, publisher.Region.Buffer, RegionLayout.TensorRuns(publisher.Layout, entered[0].Layout)));
+                    if (entered.Count > 1)
+                        using (ICopyStream stream = Backend.CreateStream())
                         {
-                            ClientRegion target = consumer.Slot(slot);
-                            foreach (CopyRun run in RegionLayout.CopyRuns(publisher.Layout, consumer.Layout, joinGaps: !target.IsDevice))
-                                SegmentedBuffer.CopyAsync(stream, target.Buffer, run.To, publisher.Region.Buffer, run.From, run.Bytes);
+                            foreach (ConsumerRegistration consumer in entered.Skip(1))
+                                stream.CopyAsync(consumer.Slot(slot).Buffer, publisher.Region.Buffer,
+                                    RegionLayout.CopyRuns(publisher.Layout, consumer.Layout, joinGaps: !consumer.Slot(slot).IsDevice));
+                            stream.Synchronize();
                         }
-                        stream.Synchronize();
-                    }
                     outcome.Stage += clock.Elapsed;
                     _copyRate = outcome.Bytes / Math.Max(clock.Elapsed.TotalSeconds / entered.Count, 1e-9);
-                    clock.Restart();
-                    Manifest manifest = publisher.Layout.ToManifest(Backend.Digests(publisher.Region.Buffer, Ranges(publisher.Layout)));
-                    outcome.Verify += clock.Elapsed;
                     foreach (ConsumerRegistration consumer in entered)
                         if (Deliver(publisher.Region.Buffer, publisher.Layout, manifest, consumer, slot, outcome, copied: true) is { } failure)
                             throw new UpdateException(Abi.Status.Corrupt, $"{failure}; not activated", UpdateResult.Failed);
@@ -966,6 +985,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                 Update(job with { Source = snapshot });
                 return;
             }
+            WaitForSwitch(entered, outcome.State);
             string? unstaged = Fill(staged!, entered[0], slot);
             job.WaitFor?.Reply(job.Session, Messages.NewResponse(job.Request with { Version = outcome.State }, Abi.Status.Ok,
                 unstaged is null ? "" : $"activated; its staged copy could not be made: {unstaged}"));
@@ -982,6 +1002,20 @@ internal sealed class WeightSetLifecycle : IDisposable
                 _pool.Return(buffer);
         }
     }
+
+    /// <summary>
+    /// Gives flip consumers that step often a moment (<see cref="SwitchGrace"/> at most) to switch to
+    /// <paramref name="state"/> before the staged copy is filled: on a GPU, the agent's kernels take turns with the
+    /// engine's, and the switch should not wait for them. Nobody is ended for taking longer.
+    /// </summary>
+    private void WaitForSwitch(List<ConsumerRegistration> consumers, ulong state)
+    {
+        var clock = Stopwatch.StartNew();
+        while (consumers.Any(c => !c.IsGone && c.Serving != state) && clock.Elapsed < SwitchGrace && !_stopping)
+            _acknowledged.WaitOne(TimeSpan.FromMilliseconds(1));
+    }
+
+    private static readonly TimeSpan SwitchGrace = TimeSpan.FromMilliseconds(100);
 
     /// <summary>
     /// Fills a version's staged copy from a flip consumer's slot that was checked, and checks it; until then copy-ins,
@@ -1074,7 +1108,9 @@ internal sealed class WeightSetLifecycle : IDisposable
                 Staged(source), lastGood is null ? null : Staged(lastGood));
             try
             {
-                _manager.SaveState();
+                // Renamed into place before the switch, so that an agent killed at any point finds the state it
+                // switched to; flushed to disk just after it (below), off the engines' path.
+                _manager.SaveState(flush: false);
             }
             catch
             {
@@ -1100,6 +1136,14 @@ internal sealed class WeightSetLifecycle : IDisposable
         }
         outcome.Activate = clock.Elapsed;
         outcome.State = state;
+        try
+        {
+            _manager.FlushState(); // before anyone hears of the activation
+        }
+        catch (IOException e)
+        {
+            Log.LogError("{Set}: version {Version} is active, but the state file could not be flushed to disk ({Reason}): a power loss now would forget it", Name, source.Version, e.Message);
+        }
         Finish(job, UpdateResult.Activated, Abi.Status.Ok, "");
     }
 
@@ -1165,8 +1209,7 @@ internal sealed class WeightSetLifecycle : IDisposable
     private void Copy(IDeviceBuffer from, IDeviceBuffer to, List<CopyRun> runs)
     {
         using ICopyStream stream = Backend.CreateStream();
-        foreach (CopyRun run in runs)
-            SegmentedBuffer.CopyAsync(stream, to, run.To, from, run.From, run.Bytes);
+        stream.CopyAsync(to, from, runs);
         stream.Synchronize();
     }
 
