@@ -107,7 +107,9 @@ public sealed record AgentState(IReadOnlyList<WeightSetState> WeightSets, long A
 /// <summary>
 /// Keeps <see cref="AgentState"/> in one file, replaced atomically: the new state is written to a temporary
 /// file beside it, flushed to disk, renamed over the old one, and the folder is flushed, so after a crash at
-/// any point the file holds either the old state or the new one, never a mixture.
+/// any point the file holds either the old state or the new one, never a mixture. <see cref="Save"/> with
+/// <c>flush: false</c> leaves the two flushes to a later <see cref="Flush"/>: the rename alone is what a killed
+/// process needs (the page cache outlives it); the flushes are for a machine that loses power.
 /// </summary>
 public sealed class StateStore(string path)
 {
@@ -123,16 +125,27 @@ public sealed class StateStore(string path)
         return File.Exists(Path) ? AgentState.Parse(File.ReadAllBytes(Path), Path) : AgentState.Empty;
     }
 
-    public void Save(AgentState state)
+    public void Save(AgentState state, bool flush = true)
     {
-        string folder = System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(Path))!;
-        Directory.CreateDirectory(folder);
+        Directory.CreateDirectory(Folder);
         using (var file = new FileStream(Temporary, FileMode.Create, FileAccess.Write, FileShare.None))
         {
             file.Write(state.Serialize());
-            file.Flush(flushToDisk: true);
+            if (flush)
+                file.Flush(flushToDisk: true);
         }
         File.Move(Temporary, Path, overwrite: true);
-        Interop.Sys.FsyncDirectory(folder);
+        if (flush)
+            Interop.Sys.FsyncDirectory(Folder);
     }
+
+    /// <summary>Flushes the file and its folder to disk: the last <see cref="Save"/> now survives a power loss too.</summary>
+    public void Flush()
+    {
+        using (var file = new FileStream(Path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite))
+            file.Flush(flushToDisk: true);
+        Interop.Sys.FsyncDirectory(Folder);
+    }
+
+    private string Folder => System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(Path))!;
 }

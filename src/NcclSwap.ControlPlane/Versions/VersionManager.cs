@@ -163,11 +163,21 @@ public sealed class VersionManager : ISessionHost, IRequestHandler, IDisposable
         }
     }
 
-    /// <summary>Saves every weight set's persisted state in one atomic replacement of the state file.</summary>
-    internal void SaveState()
+    /// <summary>
+    /// Saves every weight set's persisted state in one atomic replacement of the state file; with
+    /// <paramref name="flush"/> false it is not flushed to disk yet (<see cref="FlushState"/>).
+    /// </summary>
+    internal void SaveState(bool flush = true)
     {
         lock (_state)
-            _store.Save(new AgentState(_sets.Values.OrderBy(s => s.Row).Select(s => s.Persisted).ToList(), _auditPosition));
+            _store.Save(new AgentState(_sets.Values.OrderBy(s => s.Row).Select(s => s.Persisted).ToList(), _auditPosition), flush);
+    }
+
+    /// <summary>Flushes the state file saved last to disk.</summary>
+    internal void FlushState()
+    {
+        lock (_state)
+            _store.Flush();
     }
 
     internal void EndSession(long session, string reason) => _door?.End(session, reason);
