@@ -1,18 +1,24 @@
 """Co-located GPU path benchmark: trainer and engine on one GPU, weights moved by nccl-swap and by two PyTorch peers.
 
-    python3 perf/colocated.py AGENT [--models small,8b] [--versions N]
+    python3 perf/colocated.py AGENT [--models small,8b] [--versions N] [--gap S]
 
 For each model, in one run: T, the time of one device-to-device copy of all the weight bytes (the copy limit,
 measured on flat buffers just before); then nccl-swap publish -> verify -> activate to a flip consumer and to a
-copy-in consumer (the agent's own split of each update, and the engine's pause measured with CUDA events on the
-engine's stream around its per-step check); then the peers in a second process: per-tensor torch CUDA IPC
-``copy_``, and 1 GiB buckets flattened, sent by IPC and unflattened. Every figure is also given as a multiple of T.
-Random bf16 weights, fresh before every version (never zeros), versions --gap seconds apart (a training step:
-after activating, the agent fills its staged copy, and a publish that finds it busy takes the staging path). Prints a table per model; exits 1 if any engine's
-bytes differ from the trainer's.
+copy-in consumer: the agent's own split of each update (from its log), and the engine's pause, timed with CUDA
+events on the engine's stream around its step at the version boundary, with QUEUED_MS of GPU work queued ahead
+of it as a generating engine would have (flip: what the switch adds; copy-in: quiesce, the agent's copy, done).
+"publish -> activated" ends when the version table shows the version (flip: the engine's next work uses it), and
+for copy-in adds that pause (its bytes are then in the engine). "Transfer only" leaves out the agent's verify
+line, which is reported on its own. Then the peers in a second process: per-tensor torch CUDA IPC ``copy_``, and
+1 GiB buckets flattened, sent by IPC and unflattened. Every figure is also given as a multiple of T. Random bf16
+weights, fresh before every version (never zeros), versions --gap seconds apart (a training step: after
+activating, the agent fills its staged copy, and a publish that finds it busy takes the staging path); the
+first version (first touches, pinning) is left out. Prints a table per model; exits 1 if any engine's bytes
+differ from the trainer's.
 """
 
 import argparse
+import gc
 import os
 import re
 import statistics
@@ -30,6 +36,7 @@ from nccl_swap.gpu import GpuConsumer, GpuPublisher  # noqa: E402
 from nccl_swap.local_agent import LocalAgent  # noqa: E402
 
 GiB = 1 << 30
+QUEUED_MS = 2.0  # GPU work an engine has queued when it reaches a step boundary
 
 
 def llama_shapes(layers, hidden, intermediate, kv_heads, head_dim, vocab):
@@ -141,8 +148,9 @@ def peers(shapes, trainer, repeat):
 # ---- nccl-swap ----
 
 def outcome(log, version):
-    """The agent's split of one update from its log: snapshot, ack wait, stage, verify, activate (ms)."""
-    found = re.findall(rf"version {version}: activated; \d+ bytes; snapshot ([\d.]+) ms, ack wait ([\d.]+) ms, stage ([\d.]+) ms, verify ([\d.]+) ms, activate ([\d.]+) ms", log)
+    """The agent's split of one update from its log: snapshot, ack wait, stage, verify, activate, request -> first copy (ms)."""
+    found = re.findall(rf"version {version}: activated; \d+ bytes; snapshot ([\d.]+) ms, ack wait ([\d.]+) ms, stage ([\d.]+) ms, "
+                       rf"verify ([\d.]+) ms, activate ([\d.]+) ms; \d+ flip consumer\(s\); first copy ([\d.]+) ms after the request", log)
     return tuple(float(x) for x in found[-1]) if found else None
 
 
@@ -157,6 +165,7 @@ def swap(agent_path, trainer, mode, versions, folder, gap):
     staging = tempfile.mkdtemp(prefix="nccl-swap-bench-", dir="/dev/shm")
     agent = LocalAgent(agent_path, folder, staging=staging, Backend="cuda", UpdatePolicy="queue", AckTimeoutSeconds="30")
     rows, exact = [], True
+    queued_cycles = int(QUEUED_MS * 1e-3 * torch.cuda.get_device_properties(0).clock_rate * 1e3)  # clock_rate is in kHz
     try:
         with GpuPublisher("bench", trainer, agent.socket, timeout=600) as publisher, \
                 GpuConsumer("bench", engine, mode, agent.socket, timeout=600) as consumer:
@@ -169,25 +178,33 @@ def swap(agent_path, trainer, mode, versions, folder, gap):
                 started = time.perf_counter()
                 publisher.publish(version).check()  # returns once the agent has the bytes (in the slots, or staged)
                 published = time.perf_counter() - started
-                before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 deadline = time.monotonic() + 600
-                while True:  # the engine's steps, until the version is the one its next work sees
-                    before.record(stream)
-                    host = time.perf_counter()
-                    switched = consumer.step()
-                    host = time.perf_counter() - host
-                    if switched or time.monotonic() > deadline:
-                        break
+                session = consumer.session
+                while session.table.state(session.row) == consumer.serving:  # the engine's per-step check, until it is activated
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{mode}: version {version} was not activated within 600 s")
+                shown = time.perf_counter() - started
+                # The step at the boundary, with the engine's work queued ahead of it (QUEUED_MS of GPU time), as in a
+                # generating engine: the pause is what the step adds on the engine's stream (flip: nothing should be;
+                # copy-in: quiesce, the agent's copy, done), timed with events around it.
+                before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(queued_cycles)
+                before.record(stream)
+                host = time.perf_counter()
+                switched = consumer.step()
+                host = time.perf_counter() - host
                 after.record(stream)
                 after.synchronize()
-                activated = time.perf_counter() - started  # flip: the table showed it; copy-in: its copy is done
+                pause = before.elapsed_time(after)
+                # flip: the table shows it, and the engine's next work sees it; copy-in: that, plus the copy into the engine
+                activated = shown + (pause / 1e3 if mode == COPY_IN else 0.0)
                 while consumer._pending is not None:
                     consumer.step()
                     time.sleep(0.0002)
                 if not switched or consumer.version != version:
                     raise RuntimeError(f"{mode}: the consumer serves {consumer.version}, not {version}: {consumer.last_error}")
                 split = outcome(agent.log(), version)
-                rows.append({"publish_ms": published * 1e3, "activated_ms": activated * 1e3, "pause_gpu_ms": before.elapsed_time(after),
+                rows.append({"publish_ms": published * 1e3, "activated_ms": activated * 1e3, "pause_gpu_ms": pause,
                              "step_host_ms": host * 1e3, "split": split})
             exact = same(engine, trainer)  # the trainer's tensors still hold the last version published
             with connect("operator", "bench", agent.socket) as operator:
@@ -195,7 +212,8 @@ def swap(agent_path, trainer, mode, versions, folder, gap):
     finally:
         agent.stop()
         subprocess.run(["rm", "-rf", staging])
-    del engine
+    del engine, consumer, publisher  # the flip consumer's slots too: the next agent places its staging by free memory
+    gc.collect()
     torch.cuda.empty_cache()
     return rows, exact, placement
 
@@ -204,7 +222,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("agent")
     parser.add_argument("--models", default="small,8b")
-    parser.add_argument("--versions", type=int, default=6)
+    parser.add_argument("--versions", type=int, default=11)
     parser.add_argument("--gap", type=float, default=1.0, help="seconds between versions, as a training step would leave")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name()
@@ -237,18 +255,23 @@ def main():
             rows, exact, placement = results[mode]
             med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
             splits = [r["split"] for r in rows if r["split"]]
-            split = [statistics.median(x[i] for x in splits) if splits else float("nan") for i in range(5)]
+            split = [statistics.median(x[i] for x in splits) if splits else float("nan") for i in range(6)]
             print(f"-- nccl-swap {mode} ({placement}; bytes equal: {exact}; median of {len(rows)} versions)")
             print(f"{'   publish returns (the agent has the bytes)':58} {cell(med('publish_ms'))}")
             what = "publish -> the engine's step sees it (activated)" if mode == FLIP else "publish -> copied into the engine"
             print(f"{'   ' + what:58} {cell(med('activated_ms'))}")
+            transfer = statistics.median(r["activated_ms"] - r["split"][3] for r in rows if r["split"]) if splits else float("nan")
+            print(f"{'   the same, transfer only (less the agent verify line)':58} {cell(transfer)}")
+            print(f"{'   agent: request -> first copy (dispatch, worker, buffer)':58} {cell(split[5])}")
             print(f"{'   agent: snapshot (what the trainer waited for)':58} {cell(split[0])}")
             print(f"{'   agent: stage (copies into the slots or staging)':58} {cell(split[2])}")
             print(f"{'   agent: verify (digests on the GPU)':58} {cell(split[3])}")
-            print(f"{'   agent: ack wait + activate':58} {cell(split[1] + split[4])}")
+            print(f"{'   agent: ack wait':58} {cell(split[1])}")
+            print(f"{'   agent: activate (state saved, table switched)':58} {cell(split[4])}")
             pauses = sorted(r["pause_gpu_ms"] for r in rows)
             hosts = sorted(r["step_host_ms"] for r in rows)
-            print(f"{'   engine pause on its stream, p50 / max':58} {pauses[len(pauses) // 2]:8.3f} ms / {pauses[-1]:.3f} ms ({pauses[len(pauses) // 2] / (T * 1e3):.2f} T)")
+            p99 = pauses[min(len(pauses) - 1, int(0.99 * len(pauses)))]
+            print(f"{'   engine pause on its stream, p50 / p99 (of ' + str(len(pauses)) + ')':58} {pauses[len(pauses) // 2] * 1e3:8.1f} µs / {p99 * 1e3:.1f} µs ({pauses[len(pauses) // 2] / (T * 1e3):.2f} T)")
             print(f"{'   engine host time in step() at the switch, p50 / max':58} {hosts[len(hosts) // 2] * 1e3:8.1f} µs / {hosts[-1] * 1e3:.1f} µs")
         print(f"{'PyTorch peer: per-tensor CUDA IPC copy_':58} {cell(per_tensor * 1e3)}")
         print(f"{'PyTorch peer: 1 GiB buckets, flatten + IPC + unflatten':58} {cell(bucket * 1e3)}", flush=True)

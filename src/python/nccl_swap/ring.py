@@ -91,7 +91,7 @@ class SharedRing:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(pause)
-            pause = min(pause * 2, 0.001)
+            pause = min(pause * 2, 0.0002)
 
     def _ring(self) -> None:
         self._header.doorbell = (self._header.doorbell + 1) & 0xFFFFFFFF
