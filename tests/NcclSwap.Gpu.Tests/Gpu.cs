@@ -34,7 +34,8 @@ internal static class Gpu
 
 /// <summary>
 /// Tests that register host memory with the driver run alone: <c>cuMemHostRegister</c> can hold the driver until
-/// kernels in flight finish, which would upset a test that times a running kernel (IpcTests).
+/// kernels in flight finish, which would upset a test that times a running kernel (IpcTests, which runs alone too,
+/// so that no other test pins memory, <c>cuMemHostAlloc</c> included, while it times its kernel).
 /// </summary>
 [CollectionDefinition(Name, DisableParallelization = true)]
 public sealed class GpuExclusive

@@ -3,6 +3,7 @@ using NcclSwap.Testing;
 
 namespace NcclSwap.Gpu.Tests;
 
+[Collection(GpuExclusive.Name)] // it times a running kernel: a test that pins host memory meanwhile can hold the driver past it
 public class IpcTests
 {
     [Fact]
