@@ -321,7 +321,7 @@ internal sealed class WeightSetLifecycle : IDisposable
     /// <summary>
     /// Takes the publisher's version in: when the weight set has flip consumers, the worker copies the publisher's
     /// tensors straight into their free slots (one copy, not two) and answers once they hold them; otherwise the
-    /// bytes are copied into a staging buffer here and the publisher's bytes digested (the manifest) while it waits.
+    /// bytes are copied into a staging buffer here, digested as they are read (the manifest), while it waits.
     /// Then the version is queued (under supersede, replacing the one still waiting) and the publisher answered.
     /// </summary>
     private void Snapshot(PublisherRegistration publisher, Job job, RequestDispatcher dispatcher)
@@ -376,7 +376,7 @@ internal sealed class WeightSetLifecycle : IDisposable
         return flips.Count > 0 && flips.All(c => !c.MayRead(slot));
     }
 
-    /// <summary>Copies the publisher's tensors into a new staging buffer and digests the publisher's bytes (the manifest).</summary>
+    /// <summary>Copies the publisher's tensors into a new staging buffer, digesting them as they are read (the manifest).</summary>
     private StagedVersion TakeSnapshot(PublisherRegistration publisher, UpdateOutcome outcome)
     {
         if (!publisher.TryEnter())
@@ -906,8 +906,8 @@ internal sealed class WeightSetLifecycle : IDisposable
     }
 
     /// <summary>
-    /// A publish taken straight into the flip consumers' free slots: one copy from the publisher into each, the
-    /// publisher's digests (the manifest), every slot checked (a bad tensor copied again from the publisher), the
+    /// A publish taken straight into the flip consumers' free slots: one copy from the publisher into each (the first
+    /// digests what it reads: the manifest), every slot checked (a bad tensor copied again from the publisher), the
     /// publisher answered, the version activated; then the staged copy (for copy-in consumers, new consumers and
     /// rollback) is filled from a checked slot, off the activation's path. If a flip consumer still reads the slot
     /// (the publisher must not wait for it) or none is left, the snapshot goes to staging first, as without flip consumers.
