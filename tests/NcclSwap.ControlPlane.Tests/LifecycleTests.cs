@@ -219,6 +219,7 @@ public sealed partial class LifecycleTests
         Assert.Equal(1, agent.Backend.Corrupted);
         Assert.Equal(UpdateResult.Failed, agent.Outcome("llama", 2)!.Result);
         Assert.Equal(before, agent.Core.Table.ReadState(0));
+        AssertNothingWrittenAhead(agent);
         Assert.False(copyIn.Step());
         AssertHolds(copyIn, 1);
 
@@ -307,6 +308,7 @@ public sealed partial class LifecycleTests
         Assert.Equal(UpdateResult.Failed, outcome.Result);
         Assert.Matches("region 'slot1': tensor '.+' does not match its digest after 2 re-send", outcome.Detail);
         Assert.Equal(VersionEntry.PackState(1, 0), agent.Core!.Table.ReadState(0));
+        AssertNothingWrittenAhead(agent);
         Assert.False(flip.Step());
         Assert.False(other.Step());
         AssertHolds(flip, 1);
@@ -318,6 +320,22 @@ public sealed partial class LifecycleTests
         StepUntil(agent, other, 3);
         AssertHolds(flip, 3);
         AssertHolds(other, 3);
+    }
+
+    /// <summary>
+    /// A failed update leaves no state written ahead for its activation beside the state file (it is deleted as
+    /// soon as its write ends), and the state file still parses.
+    /// </summary>
+    private static void AssertNothingWrittenAhead(TestAgent agent)
+    {
+        string statePath = agent.Core!.Options.StatePath;
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        string[] left;
+        while ((left = Directory.GetFiles(Path.GetDirectoryName(statePath)!, Path.GetFileName(statePath) + ".partial*")).Length > 0
+            && clock.Elapsed < TimeSpan.FromSeconds(10))
+            Thread.Sleep(10);
+        Assert.Empty(left);
+        Assert.NotEmpty(NcclSwap.ControlPlane.State.AgentState.Parse(File.ReadAllBytes(statePath), statePath).WeightSets);
     }
 
     /// <summary>The inodes of the slots a consumer process maps (the fifth field of its /proc/PID/maps lines).</summary>

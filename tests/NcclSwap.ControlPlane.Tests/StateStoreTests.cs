@@ -34,6 +34,39 @@ public sealed class StateStoreTests : IDisposable
     }
 
     [Fact]
+    public void A_state_written_ahead_is_renamed_in_when_it_is_what_is_saved_and_dropped_when_not()
+    {
+        var store = new StateStore(Path.Combine(_folder, "state.json"));
+        store.Save(Sample(7));
+
+        // Written ahead and flushed, but not in place: a crash now still finds version 7, and the leftover goes.
+        PreparedState ahead = store.Prepare(Sample(8));
+        Assert.True(File.Exists(ahead.File));
+        Assert.Equal(7UL, store.Load().WeightSets[0].Active!.Version);
+        Assert.False(File.Exists(ahead.File));
+
+        // Saving the very state it holds renames it into place.
+        ahead = store.Prepare(Sample(8));
+        store.Save(Sample(8), ahead);
+        Assert.False(File.Exists(ahead.File));
+        Assert.Equal(Sample(8).WeightSets, store.Load().WeightSets);
+
+        // Saving another state (something changed since it was written) saves that one, and the prepared file goes.
+        ahead = store.Prepare(Sample(9));
+        store.Save(Sample(10), ahead, flush: false);
+        store.Flush();
+        Assert.False(File.Exists(ahead.File));
+        Assert.Equal(10UL, store.Load().WeightSets[0].Active!.Version);
+        Assert.Single(Directory.GetFiles(_folder));
+
+        // One that is never used is deleted when disposed.
+        ahead = store.Prepare(Sample(11));
+        ahead.Dispose();
+        Assert.False(File.Exists(ahead.File));
+        Assert.Equal(10UL, store.Load().WeightSets[0].Active!.Version);
+    }
+
+    [Fact]
     public void A_damaged_state_file_is_refused_naming_it()
     {
         var store = new StateStore(Path.Combine(_folder, "state.json"));

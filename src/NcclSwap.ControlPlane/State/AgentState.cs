@@ -110,33 +110,66 @@ public sealed record AgentState(IReadOnlyList<WeightSetState> WeightSets, long A
 /// any point the file holds either the old state or the new one, never a mixture. <see cref="Save"/> with
 /// <c>flush: false</c> leaves the two flushes to a later <see cref="Flush"/>: the rename alone is what a killed
 /// process needs (the page cache outlives it); the flushes are for a machine that loses power.
+/// A state known ahead (the one an activation will save) can be written and flushed beforehand
+/// (<see cref="Prepare"/>), so that saving it is a rename (<see cref="Save(AgentState, PreparedState?, bool)"/>).
 /// </summary>
 public sealed class StateStore(string path)
 {
+    private long _prepared;
+
     public string Path { get; } = path;
 
     private string Temporary => Path + ".partial";
 
-    /// <summary>The last state saved, or <see cref="AgentState.Empty"/> if there is none; a leftover partial write is discarded.</summary>
+    /// <summary>The last state saved, or <see cref="AgentState.Empty"/> if there is none; leftover partial and prepared writes are discarded.</summary>
     public AgentState Load()
     {
-        if (File.Exists(Temporary))
-            File.Delete(Temporary); // a save that crashed before its rename: the old state stands
+        // A save that crashed before its rename, or a state prepared for an activation that never came: the saved state stands.
+        foreach (string leftover in Directory.Exists(Folder) ? Directory.EnumerateFiles(Folder, System.IO.Path.GetFileName(Temporary) + "*") : [])
+            File.Delete(leftover);
         return File.Exists(Path) ? AgentState.Parse(File.ReadAllBytes(Path), Path) : AgentState.Empty;
     }
 
-    public void Save(AgentState state, bool flush = true)
+    public void Save(AgentState state, bool flush = true) => Save(state, null, flush);
+
+    /// <summary>
+    /// Saves <paramref name="state"/>: by renaming <paramref name="prepared"/> into place when it holds exactly these
+    /// bytes (it is on disk already), else as <see cref="Save(AgentState, bool)"/> does. Either way the prepared file is gone after.
+    /// </summary>
+    public void Save(AgentState state, PreparedState? prepared, bool flush = true)
     {
+        byte[] bytes = state.Serialize();
+        if (prepared is not null && prepared.Bytes.AsSpan().SequenceEqual(bytes) && prepared.Take())
+        {
+            File.Move(prepared.File, Path, overwrite: true);
+            if (flush)
+                Interop.Sys.FsyncDirectory(Folder);
+            return;
+        }
+        prepared?.Dispose();
         Directory.CreateDirectory(Folder);
         using (var file = new FileStream(Temporary, FileMode.Create, FileAccess.Write, FileShare.None))
         {
-            file.Write(state.Serialize());
+            file.Write(bytes);
             if (flush)
                 file.Flush(flushToDisk: true);
         }
         File.Move(Temporary, Path, overwrite: true);
         if (flush)
             Interop.Sys.FsyncDirectory(Folder);
+    }
+
+    /// <summary>Writes <paramref name="state"/> beside the state file and flushes it, without replacing anything yet.</summary>
+    public PreparedState Prepare(AgentState state)
+    {
+        Directory.CreateDirectory(Folder);
+        var prepared = new PreparedState($"{Temporary}.{Environment.ProcessId}.{Interlocked.Increment(ref _prepared)}", state.Serialize());
+        using (var file = new FileStream(prepared.File, FileMode.CreateNew, FileAccess.Write, FileShare.None))
+        {
+            file.Write(prepared.Bytes);
+            file.Flush(flushToDisk: true);
+        }
+        return prepared;
     }
 
     /// <summary>Flushes the file and its folder to disk: the last <see cref="Save"/> now survives a power loss too.</summary>
@@ -148,4 +181,23 @@ public sealed class StateStore(string path)
     }
 
     private string Folder => System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(Path))!;
+}
+
+/// <summary>A state written and flushed beside the state file by <see cref="StateStore.Prepare"/>; Dispose deletes it unless it was saved.</summary>
+public sealed class PreparedState(string file, byte[] bytes) : IDisposable
+{
+    private int _taken;
+
+    public string File { get; } = file;
+
+    public byte[] Bytes { get; } = bytes;
+
+    /// <summary>Claims the file for a save (once).</summary>
+    internal bool Take() => Interlocked.Exchange(ref _taken, 1) == 0;
+
+    public void Dispose()
+    {
+        if (Take())
+            System.IO.File.Delete(File);
+    }
 }

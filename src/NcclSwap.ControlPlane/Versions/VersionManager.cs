@@ -167,10 +167,23 @@ public sealed class VersionManager : ISessionHost, IRequestHandler, IDisposable
     /// Saves every weight set's persisted state in one atomic replacement of the state file; with
     /// <paramref name="flush"/> false it is not flushed to disk yet (<see cref="FlushState"/>).
     /// </summary>
-    internal void SaveState(bool flush = true)
+    internal void SaveState(bool flush = true, PreparedState? prepared = null)
     {
         lock (_state)
-            _store.Save(new AgentState(_sets.Values.OrderBy(s => s.Row).Select(s => s.Persisted).ToList(), _auditPosition), flush);
+            _store.Save(new AgentState(_sets.Values.OrderBy(s => s.Row).Select(s => s.Persisted).ToList(), _auditPosition), prepared, flush);
+    }
+
+    /// <summary>
+    /// Writes and flushes, ahead of time, the state the agent will save once weight set <paramref name="set"/> has
+    /// <paramref name="next"/> and every other set is as it is now; <see cref="SaveState"/> renames it into place if
+    /// that is still what it must save.
+    /// </summary>
+    internal PreparedState PrepareState(string set, WeightSetState next)
+    {
+        AgentState state;
+        lock (_state)
+            state = new AgentState(_sets.Values.OrderBy(s => s.Row).Select(s => s.Name == set ? next : s.Persisted).ToList(), _auditPosition);
+        return _store.Prepare(state); // the write and its flush, outside the lock
     }
 
     /// <summary>Flushes the state file saved last to disk.</summary>

@@ -846,20 +846,22 @@ internal sealed class WeightSetLifecycle : IDisposable
         }
         UpdateOutcome outcome = job.Outcome;
         StagedVersion source = job.Source;
+        Task<PreparedState?>? prepared = null;
         bool activated = false;
         try
         {
             outcome.Result = UpdateResult.Staging;
             if (!source.WaitFilled(_manager.Options.AckTimeout))
                 throw new UpdateException(Abi.Status.NotFound, $"the staged copy of version {source.Version} could not be made; not activated", UpdateResult.Failed);
+            ulong current = ActiveState;
+            int slot = current == 0 ? 0 : 1 - VersionEntry.UnpackState(current).Slot;
+            prepared = PrepareActivation(source, slot, outcome.IsRollback);
             var clock = Stopwatch.StartNew();
             List<string> bad = Mismatches(source.Buffer.Buffer, source.Layout, source.Manifest);
             outcome.Verify += clock.Elapsed;
             if (bad.Count > 0)
                 throw new UpdateException(Abi.Status.Corrupt, $"the staged bytes of tensor '{bad[0]}'{(bad.Count > 1 ? $" (and {bad.Count - 1} more)" : "")} do not match the digest taken from the publisher's; not activated", UpdateResult.Failed);
 
-            ulong current = ActiveState;
-            int slot = current == 0 ? 0 : 1 - VersionEntry.UnpackState(current).Slot;
             var done = new HashSet<ConsumerRegistration>();
             while (true)
             {
@@ -872,7 +874,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                         if (Consumers.Any(c => c.Mode == ConsumerMode.Flip && !done.Contains(c)))
                             continue; // one joined meanwhile: it needs the version too
                         StopCheck();
-                        Activate(job, slot);
+                        Activate(job, slot, prepared);
                         activated = true;
                         return;
                     }
@@ -901,7 +903,10 @@ internal sealed class WeightSetLifecycle : IDisposable
         finally
         {
             if (!activated)
+            {
                 source.Release();
+                Discard(prepared);
+            }
         }
     }
 
@@ -921,6 +926,7 @@ internal sealed class WeightSetLifecycle : IDisposable
         int slot = current == 0 ? 0 : 1 - VersionEntry.UnpackState(current).Slot;
         var entered = new List<ConsumerRegistration>();
         StagedVersion? staged = null;
+        Task<PreparedState?>? prepared = null;
         bool activated = false;
         if (!publisher.TryEnter())
             throw new UpdateException(Abi.Status.Canceled, "the publisher left before its snapshot was taken", UpdateResult.Abandoned);
@@ -954,19 +960,20 @@ internal sealed class WeightSetLifecycle : IDisposable
                         }
                     outcome.Stage += clock.Elapsed;
                     _copyRate = outcome.Bytes / Math.Max(clock.Elapsed.TotalSeconds / entered.Count, 1e-9);
+                    staged = new StagedVersion(outcome.Version, manifest, buffer, _pool, filled: false);
+                    buffer = null;
+                    prepared = PrepareActivation(staged, slot, rollback: false);
                     foreach (ConsumerRegistration consumer in entered)
                         if (Deliver(publisher.Region.Buffer, publisher.Layout, manifest, consumer, slot, outcome, copied: true) is { } failure)
                             throw new UpdateException(Abi.Status.Corrupt, $"{failure}; not activated", UpdateResult.Failed);
                     outcome.Snapshot = outcome.Stage + outcome.Verify;
-                    staged = new StagedVersion(outcome.Version, manifest, buffer, _pool, filled: false);
-                    buffer = null;
                     Answer(job, Abi.Status.Ok, $"taken into {entered.Count} slot(s) in {outcome.Snapshot.TotalMilliseconds:0.00} ms");
                     publisher.Exit();
                     holdsPublisher = false;
                     outcome.Consumers = entered.Count;
                     // A publisher that waits for the outcome hears once the staged copy is made too, so that a crash
                     // right after its answer still finds the version's bytes in staging.
-                    Activate(job with { Source = staged, WaitFor = null }, slot);
+                    Activate(job with { Source = staged, WaitFor = null }, slot, prepared);
                     activated = true;
                 }
             }
@@ -997,7 +1004,10 @@ internal sealed class WeightSetLifecycle : IDisposable
             foreach (ConsumerRegistration consumer in entered)
                 consumer.Exit();
             if (!activated)
+            {
                 staged?.Release();
+                Discard(prepared);
+            }
             if (buffer is not null)
                 _pool.Return(buffer);
         }
@@ -1088,13 +1098,60 @@ internal sealed class WeightSetLifecycle : IDisposable
         outcome.AckWait += clock.Elapsed;
     }
 
-    /// <summary>Under <c>_membership</c>: saves the new state, then makes it visible with one store in the table.</summary>
-    private void Activate(Job job, int slot)
+    /// <summary>
+    /// Writes ahead (on another thread, while the caller verifies) the state that activating <paramref name="source"/>
+    /// in <paramref name="slot"/> will save, so that <see cref="Activate"/> has only a rename to do. Null where it could not.
+    /// </summary>
+    private Task<PreparedState?> PrepareActivation(StagedVersion source, int slot, bool rollback)
+    {
+        WeightSetState next;
+        lock (_refs)
+            next = NextPersisted(source, slot, rollback ? null : _active, rollback ? 0 : VersionEntry.UnpackState(_activeState).Version);
+        return Task.Run(() =>
+        {
+            try
+            {
+                return _manager.PrepareState(Name, next);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                Log.LogWarning("{Set}: the state for version {Version} could not be written ahead ({Reason}); it is written at activation", Name, source.Version, e.Message);
+                return (PreparedState?)null;
+            }
+        });
+    }
+
+    /// <summary>Deletes a state written ahead for an activation that did not happen.</summary>
+    private static void Discard(Task<PreparedState?>? prepared)
+    {
+        if (prepared is not null)
+            prepared.ContinueWith(t => t.Result?.Dispose(), TaskContinuationOptions.OnlyOnRanToCompletion);
+    }
+
+    /// <summary>The weight set's persisted state once <paramref name="source"/> is active in <paramref name="slot"/>. Under <c>_refs</c>.</summary>
+    private WeightSetState NextPersisted(StagedVersion source, int slot, StagedVersion? lastGood, ulong lastGoodVersion) =>
+        new(Name, new ActiveVersion(source.Version, slot, source.Manifest.Digest.Value), lastGoodVersion, HighestPublished,
+            Staged(source), lastGood is null ? null : Staged(lastGood));
+
+    /// <summary>
+    /// Under <c>_membership</c>: saves the new state (renaming <paramref name="prepared"/> into place when it holds it),
+    /// then makes it visible with one store in the table.
+    /// </summary>
+    private void Activate(Job job, int slot, Task<PreparedState?>? prepared = null)
     {
         StagedVersion source = job.Source!;
         UpdateOutcome outcome = job.Outcome;
         var clock = Stopwatch.StartNew();
         ulong state = VersionEntry.PackState(source.Version, slot);
+        PreparedState? ahead = null;
+        try
+        {
+            ahead = prepared?.GetAwaiter().GetResult();
+        }
+        catch (Exception e)
+        {
+            Log.LogWarning("{Set}: the state written ahead for version {Version} is not usable ({Reason})", Name, source.Version, e.Message);
+        }
         lock (_refs)
         {
             StagedVersion? previousActive = _active, previousLastGood = _lastGood;
@@ -1104,17 +1161,17 @@ internal sealed class WeightSetLifecycle : IDisposable
             ulong lastGoodVersion = outcome.IsRollback ? 0 : previousVersion;
 
             source.Buffer.WriteManifest(source.Manifest);
-            _persisted = new WeightSetState(Name, new ActiveVersion(source.Version, slot, source.Manifest.Digest.Value), lastGoodVersion, HighestPublished,
-                Staged(source), lastGood is null ? null : Staged(lastGood));
+            _persisted = NextPersisted(source, slot, lastGood, lastGoodVersion);
             try
             {
                 // Renamed into place before the switch, so that an agent killed at any point finds the state it
                 // switched to; flushed to disk just after it (below), off the engines' path.
-                _manager.SaveState(flush: false);
+                _manager.SaveState(flush: false, ahead);
             }
             catch
             {
                 _persisted = previousPersisted;
+                ahead?.Dispose();
                 throw;
             }
             foreach (ConsumerRegistration consumer in _consumers)
