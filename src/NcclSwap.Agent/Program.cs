@@ -2,6 +2,7 @@ using System.CommandLine;
 using NcclSwap.Agent.Demo;
 using NcclSwap.Agent.Doctor;
 using NcclSwap.Agent.Inspect;
+using NcclSwap.Agent.Plan;
 using NcclSwap.Agent.Serve;
 
 namespace NcclSwap.Agent;
@@ -18,6 +19,7 @@ public static class Program
         root.Subcommands.Add(InspectCommand.Create(output, error));
         root.Subcommands.Add(ServeCommand.Create(error));
         root.Subcommands.Add(DemoCommand.Create(output, error));
+        root.Subcommands.Add(PlanCommand.Create(output, error));
         root.Subcommands.Add(DemoPeers.Create(output));
         return root;
     }

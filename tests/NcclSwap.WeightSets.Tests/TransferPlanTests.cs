@@ -1,0 +1,149 @@
+using System.Text;
+using System.Text.Json;
+using NcclSwap.Testing;
+
+namespace NcclSwap.WeightSets.Tests;
+
+public class TransferPlanTests
+{
+    private static readonly Dtype Bf16 = Dtype.Parse("BF16");
+
+    /// <summary>What rank <paramref name="rank"/> of <paramref name="ranks"/> holds of a 2-D tensor, cut as engines cut it, computed from rows and columns.</summary>
+    private static byte[] Held(byte[] data, long rows, long columns, int elementBytes, int? split, int? shards, int rank, int ranks)
+    {
+        if (split is null)
+            return data;
+        int parts = Math.Min(ranks, shards ?? ranks);
+        int part = rank / (ranks / parts);
+        var held = new List<byte>();
+        for (long r = 0; r < rows; r++)
+            for (long c = 0; c < columns; c++)
+            {
+                bool mine = split == 0 ? r / (rows / parts) == part : c / (columns / parts) == part;
+                if (mine)
+                    held.AddRange(data.AsSpan((int)((r * columns + c) * elementBytes), elementBytes).ToArray());
+            }
+        return [.. held];
+    }
+
+    /// <summary>The bytes a part names: its runs, gathered.</summary>
+    private static byte[] Gather(byte[] data, TensorPart part)
+    {
+        var bytes = new byte[part.Bytes];
+        for (long i = 0; i < part.Runs; i++)
+            data.AsSpan((int)(part.Offset + i * part.Stride), (int)part.RunBytes).CopyTo(bytes.AsSpan((int)(i * part.RunBytes)));
+        return bytes;
+    }
+
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    [InlineData(3)]
+    [InlineData(4)]
+    [InlineData(8)]
+    public void Every_destination_receives_exactly_the_bytes_its_engine_holds_of_replicated_column_and_row_split_tensors(int ranks)
+    {
+        int seed = TestData.NewSeed();
+        var random = new Random(seed);
+        // rows and columns divisible by 8 and 24, so that every rank count here divides them
+        var tensors = new List<(LayoutTensor Tensor, byte[] Data)>();
+        int kvShards = ranks % 2 == 0 ? 2 : 1; // fewer parts than ranks: neighbours share one (an odd count shares the whole)
+        foreach ((string name, int? split, int? shards) in new (string, int?, int?)[]
+                 { ("norm", null, null), ("q_proj", 0, null), ("o_proj", 1, null), ("k_proj", 0, kvShards), ("down", 1, 1) })
+        {
+            long rows = 24 * random.Next(1, 3), columns = 48 * random.Next(1, 3);
+            var tensor = new LayoutTensor($"layer.{name}", Bf16, [rows, columns], split, shards);
+            tensors.Add((tensor, TestData.Random((int)tensor.Bytes, random.Next())));
+        }
+        var layout = new ModelLayout("test", tensors.Select(t => t.Tensor).ToList());
+        TransferPlan plan = TransferPlan.Create(layout, sources: 3, destinations: ranks, bucketBytes: 4096);
+
+        var received = Enumerable.Range(0, ranks).Select(_ => new Dictionary<string, byte[]>()).ToArray();
+        foreach (Transfer transfer in plan.Transfers)
+        {
+            Assert.Equal(transfer.Destinations.Count > 1, transfer.IsBroadcast);
+            foreach (TensorPart part in transfer.Parts)
+                foreach (int rank in transfer.Destinations)
+                    Assert.True(received[rank].TryAdd(part.Tensor, Gather(tensors.Single(t => t.Tensor.Name == part.Tensor).Data, part)),
+                        $"rank {rank} receives {part.Key} twice (seed {seed})");
+        }
+        for (int rank = 0; rank < ranks; rank++)
+            foreach ((LayoutTensor tensor, byte[] data) in tensors)
+            {
+                byte[] expected = Held(data, tensor.Shape[0], tensor.Shape[1], 2, tensor.SplitDimension, tensor.Shards, rank, ranks);
+                Assert.True(received[rank].TryGetValue(tensor.Name, out byte[]? got), $"rank {rank} of {ranks} receives nothing of {tensor.Name} (seed {seed})");
+                Assert.True(expected.AsSpan().SequenceEqual(got), $"rank {rank} of {ranks}: the bytes of {tensor.Name} differ (seed {seed})");
+            }
+
+        long[] needed = plan.NeededBytes();
+        for (int rank = 0; rank < ranks; rank++)
+            Assert.Equal(received[rank].Values.Sum(b => (long)b.Length), needed[rank]);
+        Assert.All(plan.ReceivedBytes().Zip(needed), x => Assert.True(x.First >= x.Second)); // plus bucket padding
+        Assert.Equal(layout.TotalBytes * ranks, plan.BroadcastBytes);
+    }
+
+    [Fact]
+    public void The_plan_depends_only_on_its_inputs_and_balances_the_sources()
+    {
+        ModelLayout layout = ModelLayout.Load(Path.Combine(AppContext.BaseDirectory, "layouts", "llama-3-8b.json"));
+        TransferPlan a = TransferPlan.Create(layout, 3, 8), b = TransferPlan.Create(layout, 3, 8);
+        Assert.Equal(a.ToJson(parts: true), b.ToJson(parts: true));
+        long[] sent = a.SentBytes();
+        long largest = a.Transfers.SelectMany(t => t.Parts).Max(p => p.Bytes);
+        Assert.True(sent.Max() - sent.Min() <= largest, $"sources send {string.Join(", ", sent)}");
+        Assert.Equal(layout.TotalBytes, a.Transfers.Sum(t => t.Bytes)); // every part sent once, whoever receives it
+    }
+
+    [Fact]
+    public void The_shipped_layouts_hold_their_models_and_tp8_destinations_get_an_eighth()
+    {
+        ModelLayout llama = ModelLayout.Load(Path.Combine(AppContext.BaseDirectory, "layouts", "llama-3-8b.json"));
+        Assert.Equal(291, llama.Tensors.Count);
+        Assert.Equal(16_060_522_496, llama.TotalBytes); // 8 030 261 248 parameters in BF16
+
+        ModelLayout qwen = ModelLayout.Load(Path.Combine(AppContext.BaseDirectory, "layouts", "qwen3-235b-a22b.json"));
+        Assert.Equal(3 + 94 * (9 + 3 * 128), qwen.Tensors.Count);
+        Assert.Contains(qwen.Tensors, t => t.Name == "model.layers.93.mlp.experts.127.down_proj.weight");
+        Assert.InRange(qwen.TotalBytes / 2, 234_000_000_000, 236_000_000_000); // about 235 billion parameters
+
+        TransferPlan plan = TransferPlan.Create(qwen, 1, 8);
+        long[] received = plan.ReceivedBytes();
+        Assert.All(received, r => Assert.InRange(r, qwen.TotalBytes / 8, qwen.TotalBytes / 8 + qwen.TotalBytes / 100));
+        using JsonDocument json = JsonDocument.Parse(plan.ToJson());
+        Assert.Equal(8, json.RootElement.GetProperty("destinations").GetArrayLength());
+        Assert.Equal(received[0], json.RootElement.GetProperty("destinations")[0].GetProperty("bytes").GetInt64());
+        Assert.Equal(qwen.TotalBytes * 8, json.RootElement.GetProperty("broadcast_bytes").GetInt64());
+    }
+
+    [Theory]
+    [InlineData("""{"format": "nccl-swap-layout/1", "tensors": [{"name": "a", "dtype": "BF17", "shape": [2]}]}""", "tensors[0] ('a'): \"dtype\" must be a safetensors dtype")]
+    [InlineData("""{"format": "nccl-swap-layout/1", "tensors": [{"name": "a", "dtype": "BF16", "shape": [2, 3], "split": 2}]}""", "tensor 'a': split dimension 2 is not one of its 2 dimensions")]
+    [InlineData("""{"format": "nccl-swap-layout/1", "tensors": [{"name": "a.{0..1}", "dtype": "BF16", "shape": [2]}, {"name": "a.1", "dtype": "BF16", "shape": [2]}]}""", "tensor 'a.1' appears twice")]
+    [InlineData("""{"format": "nccl-swap-layout/1", "tensors": [{"name": "a.{3..1}", "dtype": "BF16", "shape": [2]}]}""", "range {3..1} must go up")]
+    [InlineData("""{"format": "nccl-swap-layout/1", "tensors": [{"name": "a.{x}", "dtype": "BF16", "shape": [2]}]}""", "a range in a name is written {first..last}")]
+    [InlineData("""{"format": "nccl-swap-layout/1", "tensors": [{"name": "a", "dtype": "BF16", "shape": "2"}]}""", "tensors[0] ('a'): \"shape\" must be an array of integers")]
+    [InlineData("""{"format": "other", "tensors": []}""", "\"format\" must be \"nccl-swap-layout/1\"")]
+    [InlineData("""{"format": "nccl-swap-layout/1", "tensors": [{"name": "a", "dtype": "BF16", "shape": [2], "shards": 0, "split": 0}]}""", "tensor 'a': shards must be positive")]
+    public void A_bad_layout_is_refused_naming_the_file_entry_and_field(string json, string message)
+    {
+        var e = Assert.Throws<LayoutException>(() => ModelLayout.Parse(Encoding.UTF8.GetBytes(json), "bad.json"));
+        Assert.StartsWith("bad.json: ", e.Message);
+        Assert.Contains(message, e.Message);
+    }
+
+    [Fact]
+    public void A_dimension_the_ranks_cannot_divide_is_refused_naming_the_tensor()
+    {
+        var layout = new ModelLayout("m", [new LayoutTensor("w", Bf16, [10, 4], 0, null), new LayoutTensor("k", Bf16, [8, 4], 0, 3)]);
+        Assert.Contains("tensor 'w': dimension 0 (10) does not divide into 4 parts", Assert.Throws<LayoutException>(() => TransferPlan.Create(layout, 1, 4)).Message);
+        Assert.Contains("tensor 'k': 4 ranks cannot share its 3 parts evenly", Assert.Throws<LayoutException>(() => TransferPlan.Create(
+            new ModelLayout("m", [layout.Tensors[1]]), 1, 4)).Message);
+        Assert.Equal(2, TransferPlan.Create(layout, 1, 2).Transfers.Count(t => !t.IsBroadcast)); // 10 rows do split in two
+    }
+
+    [Fact]
+    public void Names_with_ranges_expand_in_order()
+    {
+        Assert.Equal(["l.0.e.0", "l.0.e.1", "l.1.e.0", "l.1.e.1"], ModelLayout.Expand("l.{0..1}.e.{0..1}", "t"));
+    }
+}
