@@ -82,6 +82,82 @@ public class TransferPlanTests
         Assert.Equal(layout.TotalBytes * ranks, plan.BroadcastBytes);
     }
 
+    /// <summary>
+    /// Through a backend's batched copies, as an executor will do it: every bucket packed at its source from the
+    /// whole model, then unpacked at each of its destinations; small buckets so that parts span several, and a 3-D
+    /// tensor cut along its middle dimension. Every rank's region then holds, tensor by tensor, exactly its part.
+    /// </summary>
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    [InlineData(4)]
+    [InlineData(8)]
+    public void Buckets_packed_at_the_sources_and_unpacked_at_the_destinations_leave_each_rank_its_parts(int ranks)
+    {
+        int seed = TestData.NewSeed();
+        var random = new Random(seed);
+        var tensors = new List<LayoutTensor>
+        {
+            new("a.norm", Bf16, [64], null, null),
+            new("b.q_proj", Bf16, [48, 40], 0, null),
+            new("c.o_proj", Bf16, [40, 48], 1, null),
+            new("d.k_proj", Bf16, [16, 40], 0, 2),
+            new("e.experts", Bf16, [3, 16, 24], 1, null),
+            new("f.scale", Dtype.Parse("F32"), [8, 8], 1, 4),
+        };
+        var layout = new ModelLayout("test", tensors);
+        TransferPlan plan = TransferPlan.Create(layout, sources: 2, destinations: ranks, bucketBytes: 512);
+        RegionLayout source = plan.SourceLayout();
+        byte[] model = TestData.Random((int)source.Length, seed);
+
+        using var backend = new NcclSwap.DataPlane.HostBackend();
+        using NcclSwap.DataPlane.IDeviceBuffer whole = backend.Allocate(source.Length);
+        backend.Upload(model, whole);
+        RegionLayout[] layouts = Enumerable.Range(0, ranks).Select(plan.DestinationLayout).ToArray();
+        NcclSwap.DataPlane.IDeviceBuffer[] regions = layouts.Select(l => backend.Allocate(l.Length)).ToArray();
+        using NcclSwap.DataPlane.IDeviceBuffer bucket = backend.Allocate(plan.BucketBytes);
+        using NcclSwap.DataPlane.ICopyStream stream = backend.CreateStream();
+        foreach (Transfer transfer in plan.Transfers)
+            for (int b = 0; b < transfer.Buckets.Buckets.Count; b++)
+            {
+                stream.CopyAsync(bucket, whole, TransferPlan.PackRuns(transfer, b, source));
+                foreach (int rank in transfer.Destinations)
+                    stream.CopyAsync(regions[rank], bucket, TransferPlan.UnpackRuns(transfer, b, layouts[rank]));
+            }
+        stream.Synchronize();
+
+        for (int rank = 0; rank < ranks; rank++)
+        {
+            byte[] held = new byte[layouts[rank].Length];
+            backend.Download(regions[rank], 0, held);
+            foreach (LayoutTensor t in tensors)
+            {
+                byte[] data = model.AsSpan((int)source[t.Name].Offset, (int)t.Bytes).ToArray();
+                int element = t.Dtype.Bits / 8;
+                // A 3-D tensor cut along dimension 1 is its 2-D view [d0, d1 * d2] cut into columns of d2 each.
+                byte[] expected = t.Shape.Length == 1 ? data
+                    : t.Shape.Length == 2 ? Held(data, t.Shape[0], t.Shape[1], element, t.SplitDimension, t.Shards, rank, ranks)
+                    : HeldMiddle(data, t.Shape, element, rank, ranks);
+                TensorPlacement at = layouts[rank][t.Name];
+                Assert.True(expected.AsSpan().SequenceEqual(held.AsSpan((int)at.Offset, (int)at.Bytes)),
+                    $"rank {rank} of {ranks}: {t.Name} differs (seed {seed})");
+            }
+        }
+        foreach (NcclSwap.DataPlane.IDeviceBuffer region in regions)
+            region.Dispose();
+    }
+
+    /// <summary>What rank r holds of a 3-D tensor cut along dimension 1 into as many parts as ranks.</summary>
+    private static byte[] HeldMiddle(byte[] data, long[] shape, int element, int rank, int ranks)
+    {
+        long per = shape[1] / ranks;
+        var held = new List<byte>();
+        for (long i = 0; i < shape[0]; i++)
+            for (long j = rank * per; j < (rank + 1) * per; j++)
+                held.AddRange(data.AsSpan((int)(((i * shape[1] + j) * shape[2]) * element), (int)(shape[2] * element)).ToArray());
+        return [.. held];
+    }
+
     [Fact]
     public void The_plan_depends_only_on_its_inputs_and_balances_the_sources()
     {

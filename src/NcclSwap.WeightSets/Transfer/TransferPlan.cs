@@ -1,4 +1,5 @@
 using System.Text.Json;
+using NcclSwap.DataPlane;
 
 namespace NcclSwap.WeightSets;
 
@@ -27,6 +28,9 @@ public sealed record Transfer(int Source, IReadOnlyList<int> Destinations, IRead
 
     /// <summary>What each destination receives: the parts' bytes plus the padding between them in buckets.</summary>
     public long ReceivedBytes => Buckets.Buckets.Sum(b => b.Bytes);
+
+    /// <summary>Its parts by the name their bytes go by in the buckets (<see cref="TensorPart.Key"/>).</summary>
+    internal IReadOnlyDictionary<string, TensorPart> ByKey { get; } = Parts.ToDictionary(p => p.Key, StringComparer.Ordinal);
 }
 
 /// <summary>
@@ -137,6 +141,63 @@ public sealed class TransferPlan
             yield return (part, Enumerable.Range(p * share, share).ToArray());
         }
     }
+
+    /// <summary>Where a source keeps the whole model: every tensor, packed in layout order.</summary>
+    public RegionLayout SourceLayout() => RegionLayout.Packed(Layout.Tensors.Select(t => (t.Name, t.Dtype.Name, t.Shape)));
+
+    /// <summary>
+    /// Where destination <paramref name="rank"/> keeps what it holds: each tensor's part as a tensor of its own (the
+    /// split dimension divided by the parts), packed in layout order. A part's bytes in a bucket are exactly that tensor's.
+    /// </summary>
+    public RegionLayout DestinationLayout(int rank)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(rank);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(rank, Destinations);
+        var held = new Dictionary<string, TensorPart>(StringComparer.Ordinal);
+        foreach (Transfer t in Transfers)
+            if (t.Destinations.Contains(rank))
+                foreach (TensorPart part in t.Parts)
+                    held[part.Tensor] = part;
+        return RegionLayout.Packed(Layout.Tensors.Select(t =>
+        {
+            TensorPart part = held[t.Name];
+            long[] shape = (long[])t.Shape.Clone();
+            if (part.SplitDimension is int d)
+                shape[d] /= part.Parts;
+            return (t.Name, t.Dtype.Name, shape);
+        }));
+    }
+
+    /// <summary>
+    /// The copies that fill bucket <paramref name="bucket"/> of <paramref name="transfer"/> at a source laid out as
+    /// <paramref name="source"/> (<see cref="SourceLayout"/>): From is in the source's region, To in the bucket; a
+    /// part cut along a later dimension gives a run per row.
+    /// </summary>
+    public static List<CopyRun> PackRuns(Transfer transfer, int bucket, RegionLayout source)
+    {
+        var runs = new List<CopyRun>();
+        foreach ((BucketPiece piece, TensorPart part) in Pieces(transfer, bucket))
+        {
+            long tensorAt = source[part.Tensor].Offset;
+            long done = 0;
+            while (done < piece.Bytes)
+            {
+                long at = piece.TensorOffset + done; // in the part's bytes
+                long run = at / part.RunBytes, within = at % part.RunBytes;
+                long take = Math.Min(part.RunBytes - within, piece.Bytes - done);
+                runs.Add(new CopyRun(tensorAt + part.Offset + run * part.Stride + within, piece.BucketOffset + done, take));
+                done += take;
+            }
+        }
+        return runs;
+    }
+
+    /// <summary>The copies that take bucket <paramref name="bucket"/> of <paramref name="transfer"/> apart at a destination laid out as <paramref name="destination"/> (<see cref="DestinationLayout"/>): From is in the bucket.</summary>
+    public static List<CopyRun> UnpackRuns(Transfer transfer, int bucket, RegionLayout destination) =>
+        Pieces(transfer, bucket).Select(x => new CopyRun(x.Piece.BucketOffset, destination[x.Part.Tensor].Offset + x.Piece.TensorOffset, x.Piece.Bytes)).ToList();
+
+    private static IEnumerable<(BucketPiece Piece, TensorPart Part)> Pieces(Transfer transfer, int bucket) =>
+        transfer.Buckets.Buckets[bucket].Pieces.Select(piece => (piece, transfer.ByKey[piece.Tensor]));
 
     /// <summary>Bytes each destination receives (parts plus bucket padding), by rank.</summary>
     public long[] ReceivedBytes()
