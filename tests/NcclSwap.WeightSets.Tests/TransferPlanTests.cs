@@ -9,7 +9,7 @@ public class TransferPlanTests
     private static readonly Dtype Bf16 = Dtype.Parse("BF16");
 
     /// <summary>What rank <paramref name="rank"/> of <paramref name="ranks"/> holds of a 2-D tensor, cut as engines cut it, computed from rows and columns.</summary>
-    private static byte[] Held(byte[] data, long rows, long columns, int elementBytes, int? split, int? shards, int rank, int ranks)
+    internal static byte[] Held(byte[] data, long rows, long columns, int elementBytes, int? split, int? shards, int rank, int ranks)
     {
         if (split is null)
             return data;
@@ -96,15 +96,7 @@ public class TransferPlanTests
     {
         int seed = TestData.NewSeed();
         var random = new Random(seed);
-        var tensors = new List<LayoutTensor>
-        {
-            new("a.norm", Bf16, [64], null, null),
-            new("b.q_proj", Bf16, [48, 40], 0, null),
-            new("c.o_proj", Bf16, [40, 48], 1, null),
-            new("d.k_proj", Bf16, [16, 40], 0, 2),
-            new("e.experts", Bf16, [3, 16, 24], 1, null),
-            new("f.scale", Dtype.Parse("F32"), [8, 8], 1, 4),
-        };
+        IReadOnlyList<LayoutTensor> tensors = MixedTensors;
         var layout = new ModelLayout("test", tensors);
         TransferPlan plan = TransferPlan.Create(layout, sources: 2, destinations: ranks, bucketBytes: 512);
         RegionLayout source = plan.SourceLayout();
@@ -132,12 +124,7 @@ public class TransferPlanTests
             backend.Download(regions[rank], 0, held);
             foreach (LayoutTensor t in tensors)
             {
-                byte[] data = model.AsSpan((int)source[t.Name].Offset, (int)t.Bytes).ToArray();
-                int element = t.Dtype.Bits / 8;
-                // A 3-D tensor cut along dimension 1 is its 2-D view [d0, d1 * d2] cut into columns of d2 each.
-                byte[] expected = t.Shape.Length == 1 ? data
-                    : t.Shape.Length == 2 ? Held(data, t.Shape[0], t.Shape[1], element, t.SplitDimension, t.Shards, rank, ranks)
-                    : HeldMiddle(data, t.Shape, element, rank, ranks);
+                byte[] expected = Expected(t, model.AsSpan((int)source[t.Name].Offset, (int)t.Bytes).ToArray(), rank, ranks);
                 TensorPlacement at = layouts[rank][t.Name];
                 Assert.True(expected.AsSpan().SequenceEqual(held.AsSpan((int)at.Offset, (int)at.Bytes)),
                     $"rank {rank} of {ranks}: {t.Name} differs (seed {seed})");
@@ -145,6 +132,26 @@ public class TransferPlanTests
         }
         foreach (NcclSwap.DataPlane.IDeviceBuffer region in regions)
             region.Dispose();
+    }
+
+    /// <summary>Replicated, column- and row-split, fewer-shard, 3-D cut in the middle, and a 4-byte dtype: every case a plan has.</summary>
+    internal static IReadOnlyList<LayoutTensor> MixedTensors { get; } =
+    [
+        new("a.norm", Bf16, [64], null, null),
+        new("b.q_proj", Bf16, [48, 40], 0, null),
+        new("c.o_proj", Bf16, [40, 48], 1, null),
+        new("d.k_proj", Bf16, [16, 40], 0, 2),
+        new("e.experts", Bf16, [3, 16, 24], 1, null),
+        new("f.scale", Dtype.Parse("F32"), [8, 8], 1, 4),
+    ];
+
+    /// <summary>What rank <paramref name="rank"/> of <paramref name="ranks"/> holds of tensor <paramref name="t"/> whose bytes are <paramref name="data"/>.</summary>
+    internal static byte[] Expected(LayoutTensor t, byte[] data, int rank, int ranks)
+    {
+        int element = t.Dtype.Bits / 8;
+        return t.Shape.Length == 1 ? data
+            : t.Shape.Length == 2 ? Held(data, t.Shape[0], t.Shape[1], element, t.SplitDimension, t.Shards, rank, ranks)
+            : HeldMiddle(data, t.Shape, element, rank, ranks); // cut along dimension 1, as many parts as ranks
     }
 
     /// <summary>What rank r holds of a 3-D tensor cut along dimension 1 into as many parts as ranks.</summary>

@@ -192,6 +192,23 @@ public sealed class TransferPlan
         return runs;
     }
 
+    /// <summary>The ranges of bucket <paramref name="bucket"/> of <paramref name="transfer"/> no piece covers (alignment padding): a packer zeroes them, so that a bucket's bytes, and its digest, depend on the tensors alone.</summary>
+    public static List<(long Offset, long Length)> Gaps(Transfer transfer, int bucket)
+    {
+        var gaps = new List<(long, long)>();
+        long at = 0;
+        Bucket b = transfer.Buckets.Buckets[bucket];
+        foreach (BucketPiece piece in b.Pieces.OrderBy(p => p.BucketOffset))
+        {
+            if (piece.BucketOffset > at)
+                gaps.Add((at, piece.BucketOffset - at));
+            at = Math.Max(at, piece.BucketOffset + piece.Bytes);
+        }
+        if (b.Bytes > at)
+            gaps.Add((at, b.Bytes - at));
+        return gaps;
+    }
+
     /// <summary>The copies that take bucket <paramref name="bucket"/> of <paramref name="transfer"/> apart at a destination laid out as <paramref name="destination"/> (<see cref="DestinationLayout"/>): From is in the bucket.</summary>
     public static List<CopyRun> UnpackRuns(Transfer transfer, int bucket, RegionLayout destination) =>
         Pieces(transfer, bucket).Select(x => new CopyRun(x.Piece.BucketOffset, destination[x.Part.Tensor].Offset + x.Piece.TensorOffset, x.Piece.Bytes)).ToList();
