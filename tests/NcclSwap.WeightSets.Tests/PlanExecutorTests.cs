@@ -134,4 +134,57 @@ public class PlanExecutorTests
                     .AsSpan().SequenceEqual(outcome.Regions[1].AsSpan((int)layout[t.Name].Offset, (int)layout[t.Name].Bytes)), t.Name);
         }
     }
+
+    [Theory]
+    [InlineData(1, 1)]
+    [InlineData(1, 2)]
+    [InlineData(2, 2)]
+    public void Ranks_in_separate_processes_end_with_exactly_their_parts(int sources, int destinations)
+    {
+        int seed = TestData.NewSeed();
+        TransferPlan plan = PlanPeer.Plan(sources, destinations);
+        string id = HostCollective.CreateId();
+        string folder = Directory.CreateTempSubdirectory("nccl-swap-plan-").FullName;
+        var peers = new List<PeerProcess>();
+        try
+        {
+            for (int rank = 0; rank < sources + destinations; rank++)
+                peers.Add(PlanPeer.Start(id, rank, sources, destinations, seed, Path.Combine(folder, $"rank{rank}")));
+            foreach (PeerProcess peer in peers)
+                Assert.True(peer.WaitForExit(Generous) == 0, peer.ToString());
+            byte[][] regions = Enumerable.Range(0, sources + destinations).Select(r => File.ReadAllBytes(Path.Combine(folder, $"rank{r}"))).ToArray();
+            AssertHolds(plan, PlanPeer.Model(plan, seed), new Outcome(regions, [], []), seed);
+        }
+        finally
+        {
+            peers.ForEach(p => p.Dispose());
+            Directory.Delete(folder, recursive: true);
+        }
+    }
+
+    [Fact]
+    public void A_destination_killed_mid_transfer_ends_the_run_at_its_source_naming_it()
+    {
+        int seed = TestData.NewSeed();
+        string id = HostCollective.CreateId();
+        string folder = Directory.CreateTempSubdirectory("nccl-swap-plan-").FullName;
+        var peers = new List<PeerProcess>();
+        try
+        {
+            for (int rank = 0; rank < 3; rank++)
+                peers.Add(PlanPeer.Start(id, rank, 1, 2, seed, Path.Combine(folder, $"rank{rank}"), slow: rank == 2));
+            peers[2].WaitForLine("received 2", Generous); // destination 1 is in the middle of its buckets
+            using (var kill = System.Diagnostics.Process.Start("kill", ["-KILL", $"{peers[2].Process.Id}"]))
+                kill.WaitForExit();
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            Assert.Equal(3, peers[0].WaitForExit(Generous));
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(20), $"the source took {clock.Elapsed} to give up");
+            Assert.Contains("rank 2", peers[0].WaitForLine("failed: ", Generous));
+        }
+        finally
+        {
+            peers.ForEach(p => p.Dispose());
+            Directory.Delete(folder, recursive: true);
+        }
+    }
 }
