@@ -19,18 +19,24 @@ public class PlanExecutorTests
         var reports = new TransferReport?[size];
         var failures = new Exception?[size];
         string id = HostCollective.CreateId();
-        Parallel.For(0, size, new ParallelOptions { MaxDegreeOfParallelism = size }, rank =>
+        // A thread of its own per rank, started at once (pool threads may come late, past a short deadline).
+        var threads = Enumerable.Range(0, size).Select(rank => new Thread(() => RunRank(rank)) { IsBackground = true }).ToList();
+        threads.ForEach(t => t.Start());
+        threads.ForEach(t => t.Join());
+        return new Outcome(regions, reports, failures);
+
+        void RunRank(int rank)
         {
-            if (rank == absent)
-            {
-                // Joins, then never takes part (a stalled or dead rank), until the others have given up.
-                using var idle = new HostBackend();
-                using ICollective joined = idle.JoinCollective(id, rank, size, timeout ?? Generous);
-                Thread.Sleep(3 * (timeout ?? Generous));
-                return;
-            }
             try
             {
+                if (rank == absent)
+                {
+                    // Joins, then never takes part (a stalled or dead rank), until the others have given up.
+                    using var idle = new HostBackend();
+                    using ICollective joined = idle.JoinCollective(id, rank, size, timeout ?? Generous);
+                    Thread.Sleep(3 * (timeout ?? Generous));
+                    return;
+                }
                 using var backend = new HostBackend();
                 using var collective = new FlakyCollective(backend.JoinCollective(id, rank, size, timeout ?? Generous), backend);
                 faults?.Invoke(rank, collective);
@@ -43,8 +49,7 @@ public class PlanExecutorTests
             {
                 failures[rank] = e;
             }
-        });
-        return new Outcome(regions, reports, failures);
+        }
     }
 
     private static void AssertHolds(TransferPlan plan, byte[] model, Outcome outcome, int seed)
