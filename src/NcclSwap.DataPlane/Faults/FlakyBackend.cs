@@ -82,12 +82,18 @@ public sealed class FlakyBackend(IBackend inner) : IBackend
         if (length == 0 || !Take(destination))
             return;
         stream.Synchronize();
+        FlipMiddleBit(Inner, destination, offset, length, 0x10);
+        Interlocked.Increment(ref _corrupted);
+    }
+
+    /// <summary>Flips the bits of <paramref name="mask"/> in the middle byte of [offset, offset+length) of <paramref name="buffer"/>, through <paramref name="backend"/>.</summary>
+    internal static void FlipMiddleBit(IBackend backend, IDeviceBuffer buffer, long offset, long length, byte mask)
+    {
         long at = offset + length / 2;
         Span<byte> one = stackalloc byte[1];
-        Inner.Download(destination, at, one);
-        one[0] ^= 0x10;
-        Inner.Upload(one, destination, at);
-        Interlocked.Increment(ref _corrupted);
+        backend.Download(buffer, at, one);
+        one[0] ^= mask;
+        backend.Upload(one, buffer, at);
     }
 
     private sealed class Rule(string target, int count)

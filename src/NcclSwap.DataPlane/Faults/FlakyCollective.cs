@@ -55,11 +55,7 @@ public sealed class FlakyCollective(ICollective inner, IBackend backend) : IColl
         if (length <= Volatile.Read(ref _above) || Interlocked.Decrement(ref _left) < 0)
             return;
         stream.Synchronize();
-        long at = offset + length / 2;
-        Span<byte> one = stackalloc byte[1];
-        backend.Download(buffer, at, one);
-        one[0] ^= 0x08;
-        backend.Upload(one, buffer, at);
+        FlakyBackend.FlipMiddleBit(backend, buffer, offset, length, 0x08);
         Interlocked.Increment(ref _corrupted);
     }
 }

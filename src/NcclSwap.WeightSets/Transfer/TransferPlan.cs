@@ -217,22 +217,17 @@ public sealed class TransferPlan
         transfer.Buckets.Buckets[bucket].Pieces.Select(piece => (piece, transfer.ByKey[piece.Tensor]));
 
     /// <summary>Bytes each destination receives (parts plus bucket padding), by rank.</summary>
-    public long[] ReceivedBytes()
-    {
-        var bytes = new long[Destinations];
-        foreach (Transfer t in Transfers)
-            foreach (int rank in t.Destinations)
-                bytes[rank] += t.ReceivedBytes;
-        return bytes;
-    }
+    public long[] ReceivedBytes() => PerDestination(t => t.ReceivedBytes);
 
     /// <summary>Bytes each destination needs (its parts, no padding), by rank.</summary>
-    public long[] NeededBytes()
+    public long[] NeededBytes() => PerDestination(t => t.Bytes);
+
+    private long[] PerDestination(Func<Transfer, long> bytesOf)
     {
         var bytes = new long[Destinations];
         foreach (Transfer t in Transfers)
             foreach (int rank in t.Destinations)
-                bytes[rank] += t.Bytes;
+                bytes[rank] += bytesOf(t);
         return bytes;
     }
 
