@@ -55,6 +55,35 @@ public sealed class CudaStream : GpuOwner
         Interop.Cuda.MemcpyAsync(to, from, (nuint)length, Handle).ThrowIfFailed();
     }
 
+    /// <summary>
+    /// <paramref name="rows"/> runs of <paramref name="width"/> bytes, <paramref name="sourcePitch"/> apart in
+    /// <paramref name="source"/> and <paramref name="destinationPitch"/> apart in <paramref name="destination"/>, in one
+    /// 2-D copy (the copy engines walk the rows); either buffer may be mapped host memory.
+    /// </summary>
+    public unsafe void CopyAsync(DeviceBuffer destination, long destinationOffset, long destinationPitch,
+        DeviceBuffer source, long sourceOffset, long sourcePitch, long width, long rows)
+    {
+        if (rows == 0 || width == 0)
+            return;
+        if (width > sourcePitch || width > destinationPitch)
+            throw new ArgumentException($"rows of {width} bytes do not fit pitches of {sourcePitch} and {destinationPitch} bytes");
+        ulong to = destination.At(destinationOffset, checked((rows - 1) * destinationPitch + width));
+        ulong from = source.At(sourceOffset, checked((rows - 1) * sourcePitch + width));
+        Bind();
+        var copy = new Interop.Cuda.Memcpy2D
+        {
+            SourceMemoryType = Interop.Cuda.MemoryTypeUnified,
+            SourceDevice = from,
+            SourcePitch = (nuint)sourcePitch,
+            DestinationMemoryType = Interop.Cuda.MemoryTypeUnified,
+            DestinationDevice = to,
+            DestinationPitch = (nuint)destinationPitch,
+            WidthInBytes = (nuint)width,
+            Height = (nuint)rows,
+        };
+        Interop.Cuda.Memcpy2DAsync(&copy, Handle).ThrowIfFailed();
+    }
+
     public void FillAsync(DeviceBuffer destination, long offset, long length, byte value)
     {
         ulong to = destination.At(offset, length);

@@ -5,8 +5,8 @@ namespace NcclSwap.DataPlane.Tests;
 
 /// <summary>
 /// One rank of a multi-process collective test, run in its own process. Scenarios:
-/// <c>exchange</c> runs a broadcast, an all-gather and a ring of paired sends and receives and writes what
-/// it received to a file; <c>stall</c> joins and then never takes part. The backend is <c>host</c> or
+/// <c>exchange</c> runs a broadcast, an all-gather, a ring of paired sends and receives, a send to itself and a
+/// broadcast on a subset of the ranks, and writes what it received to a file; <c>stall</c> joins and then never takes part. The backend is <c>host</c> or
 /// <c>cuda:N</c> (device N, NCCL), so the same rank runs in the CPU tests and in the GPU suite.
 /// </summary>
 internal static class CollectivePeer
@@ -43,7 +43,11 @@ internal static class CollectivePeer
         return 0;
     }
 
-    /// <summary>What <see cref="Exchange"/> must produce on <paramref name="rank"/>: broadcast | all-gather | ring receive.</summary>
+    /// <summary>
+    /// What <see cref="Exchange"/> must produce on <paramref name="rank"/>: broadcast | all-gather | ring receive |
+    /// its own bytes sent to itself | the subset's broadcast (the last rank's bytes on the last rank and rank 0; a rank
+    /// outside the subset keeps what it had).
+    /// </summary>
     public static byte[] Expected(int rank, int size, int seed, int bytes)
     {
         var expected = new List<byte>();
@@ -51,6 +55,8 @@ internal static class CollectivePeer
         for (int r = 0; r < size; r++)
             expected.AddRange(TestData.Random(bytes, seed + 1 + r));
         expected.AddRange(TestData.Random(bytes, seed + 1000 + (rank + size - 1) % size));
+        expected.AddRange(TestData.Random(bytes, seed + 1000 + rank));
+        expected.AddRange(rank == 0 || rank == size - 1 ? TestData.Random(bytes, seed + 2000 + size - 1) : TestData.Random(bytes, seed + 2000 + rank));
         return [.. expected];
     }
 
@@ -78,10 +84,32 @@ internal static class CollectivePeer
         }
         stream.Synchronize();
 
-        byte[] result = new byte[bytes * (size + 2)];
+        using IDeviceBuffer self = backend.Allocate(bytes);
+        using (collective.Group())
+        {
+            collective.Send(outgoing, 0, bytes, rank, stream);
+            collective.Receive(self, 0, bytes, rank, stream);
+        }
+
+        // The last rank and rank 0, in that order: the last rank is the subset's root.
+        using IDeviceBuffer subsetBytes = backend.Allocate(bytes);
+        backend.Upload(TestData.Random(bytes, seed + 2000 + rank), subsetBytes);
+        using (ICollective? subset = collective.Subset(size == 1 ? [0] : [size - 1, 0]))
+        {
+            if (subset is not null)
+            {
+                using (subset.Group())
+                    subset.Broadcast(subsetBytes, 0, bytes, root: 0, stream);
+            }
+            stream.Synchronize();
+        }
+
+        byte[] result = new byte[bytes * (size + 4)];
         backend.Download(broadcast, 0, result.AsSpan(0, bytes));
         backend.Download(gathered, 0, result.AsSpan(bytes, bytes * size));
         backend.Download(incoming, 0, result.AsSpan(bytes * (size + 1), bytes));
+        backend.Download(self, 0, result.AsSpan(bytes * (size + 2), bytes));
+        backend.Download(subsetBytes, 0, result.AsSpan(bytes * (size + 3), bytes));
         return result;
     }
 }

@@ -164,8 +164,17 @@ public class HostCollectiveTests
         using ICopyStream stream = backend.CreateStream();
         Assert.Contains("root 1 is not a rank of this collective of 1",
             Assert.Throws<ArgumentOutOfRangeException>(() => single.Broadcast(buffer, 0, 64, 1, stream)).Message);
-        Assert.Contains("rank 0 cannot send to or receive from itself",
+        Assert.Contains("rank 0 cannot send to or receive from itself outside a group",
             Assert.Throws<ArgumentException>(() => single.Send(buffer, 0, 64, 0, stream)).Message);
+        Assert.Contains("names a rank twice", Assert.Throws<ArgumentException>(() => single.Subset([0, 0])).Message);
+        Assert.Throws<ArgumentOutOfRangeException>(() => single.Subset([1]));
+        // A group whose sends to itself and receives from itself do not pair is refused, naming the counts.
+        var unpaired = Assert.Throws<CollectiveException>(() =>
+        {
+            using (single.Group())
+                single.Send(buffer, 0, 64, 0, stream);
+        });
+        Assert.Contains("sent to this rank itself 1 time(s) but received from it 0 time(s)", unpaired.Message);
         Assert.Throws<ArgumentOutOfRangeException>(() => single.Receive(buffer, 0, 64, -1, stream));
         single.Broadcast(buffer, 0, 64, 0, stream); // still usable: a broadcast of one rank moves nothing
     }

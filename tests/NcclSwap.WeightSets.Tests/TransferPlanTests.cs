@@ -1,5 +1,6 @@
 using System.Text;
 using System.Text.Json;
+using NcclSwap.DataPlane;
 using NcclSwap.Testing;
 
 namespace NcclSwap.WeightSets.Tests;
@@ -163,6 +164,33 @@ public class TransferPlanTests
             for (long j = rank * per; j < (rank + 1) * per; j++)
                 held.AddRange(data.AsSpan((int)(((i * shape[1] + j) * shape[2]) * element), (int)(shape[2] * element)).ToArray());
         return [.. held];
+    }
+
+    [Fact]
+    public void A_part_cut_along_columns_packs_as_one_strided_copy_of_its_rows()
+    {
+        // c.o_proj [40, 48] cut along columns for 4 ranks: 40 rows of 12 elements, 96 bytes apart. In one large bucket
+        // each destination's part is a single copy of all 40 rows, not 40 copies; a piece that starts or ends in the
+        // middle of a row (256-byte buckets) adds a partial row at that end only.
+        TransferPlan plan = TransferPlan.Create(new ModelLayout("mixed", MixedTensors), 1, 4, bucketBytes: 1 << 20);
+        RegionLayout source = plan.SourceLayout();
+        foreach (Transfer t in plan.Transfers.Where(t => t.Parts.Any(p => p.Tensor == "c.o_proj")))
+        {
+            int bucket = t.Buckets.Buckets.Single(b => b.Pieces.Any(p => p.Tensor.StartsWith("c.o_proj", StringComparison.Ordinal))).Index;
+            TensorPart part = t.Parts.Single(p => p.Tensor == "c.o_proj");
+            long at = t.Buckets.Buckets[bucket].Pieces.Single(p => p.Tensor == part.Key).BucketOffset;
+            StridedCopy copy = Assert.Single(TransferPlan.PackCopies(t, bucket, source), c => c.To == at);
+            Assert.Equal(new StridedCopy(source["c.o_proj"].Offset + part.Offset, 96, at, 24, 24, 40), copy);
+        }
+
+        TransferPlan small = TransferPlan.Create(new ModelLayout("mixed", MixedTensors), 1, 4, bucketBytes: 256);
+        foreach (Transfer t in small.Transfers)
+            for (int b = 0; b < t.Buckets.Buckets.Count; b++)
+            {
+                List<StridedCopy> copies = TransferPlan.PackCopies(t, b, small.SourceLayout());
+                Assert.True(copies.Count <= 3 * t.Buckets.Buckets[b].Pieces.Count, $"bucket {b}: {copies.Count} copies for {t.Buckets.Buckets[b].Pieces.Count} pieces");
+                Assert.Equal(t.Buckets.Buckets[b].Pieces.Sum(p => p.Bytes), copies.Sum(c => c.TotalBytes));
+            }
     }
 
     [Fact]

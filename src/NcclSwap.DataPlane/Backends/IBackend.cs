@@ -78,6 +78,23 @@ public interface IBackend : IDisposable
 /// <summary>A contiguous run of bytes to copy between two buffers (or regions laid out differently): from offset <paramref name="From"/> of the source to <paramref name="To"/> of the destination.</summary>
 public readonly record struct CopyRun(long From, long To, long Bytes);
 
+/// <summary>
+/// <paramref name="Rows"/> runs of <paramref name="Bytes"/> bytes: row i from <c>From + i * FromPitch</c> of the source
+/// to <c>To + i * ToPitch</c> of the destination. A tensor cut along a later dimension is such a copy (its part of
+/// every row), which one call moves instead of a run per row.
+/// </summary>
+public readonly record struct StridedCopy(long From, long FromPitch, long To, long ToPitch, long Bytes, long Rows)
+{
+    public long TotalBytes => Bytes * Rows;
+
+    /// <summary>The copy as one run per row.</summary>
+    public IEnumerable<CopyRun> Runs()
+    {
+        for (long row = 0; row < Rows; row++)
+            yield return new CopyRun(From + row * FromPitch, To + row * ToPitch, Bytes);
+    }
+}
+
 /// <summary>A range of device memory (or its host stand-in).</summary>
 public interface IDeviceBuffer : IDisposable
 {
@@ -106,6 +123,13 @@ public interface ICopyStream : IDisposable
         foreach (CopyRun run in runs)
             SegmentedBuffer.CopyAsync(this, destination, run.To, source, run.From, run.Bytes);
     }
+
+    /// <summary>
+    /// Strided copies from <paramref name="source"/> to <paramref name="destination"/> (each copy's rows within one
+    /// segment of a <see cref="SegmentedBuffer"/>): on CUDA one 2-D copy per entry, however many rows it has.
+    /// </summary>
+    void CopyAsync(IDeviceBuffer destination, IDeviceBuffer source, IReadOnlyList<StridedCopy> copies) =>
+        CopyAsync(destination, source, copies.SelectMany(c => c.Runs()).ToList());
 
     void FillAsync(IDeviceBuffer destination, long offset, long length, byte value);
 
@@ -155,11 +179,31 @@ public interface ICollective : IDisposable
 
     void Receive(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream);
 
-    /// <summary>Operations issued until the scope ends run together, so paired sends and receives cannot deadlock.</summary>
+    /// <summary>
+    /// Operations issued until the scope ends run together, so paired sends and receives cannot deadlock; inside a
+    /// group a rank may also send to itself, paired in order with its receives from itself.
+    /// </summary>
     IDisposable Group();
 
     /// <summary>Ends every operation in flight, here and (by closing the links) at the peers; idempotent with Dispose.</summary>
     void Abort();
+
+    /// <summary>
+    /// Waits until <paramref name="done"/> (recorded after this collective's operations on a stream) completes, within
+    /// the collective's deadline; a failure or a missed deadline aborts the collective and throws a
+    /// <see cref="CollectiveException"/> that says <paramref name="what"/> was waited for and names
+    /// <paramref name="peer"/>, the rank it waited on, when there is one. Host collectives finish their operations
+    /// as they are issued, so for them this returns at once.
+    /// </summary>
+    void Wait(IDeviceEvent done, int? peer, string what) => done.Synchronize();
+
+    /// <summary>
+    /// A collective of <paramref name="ranks"/> (ranks of this one; rank i of the new one is ranks[i]), or null on a
+    /// rank not among them. Every rank of this collective calls it with the same list, and calls to it are ordered
+    /// like other operations. Its failures name ranks of this collective. NCCL splits the communicator (so a broadcast
+    /// runs as NCCL's own); elsewhere the subset runs its operations as sends and receives of this one.
+    /// </summary>
+    ICollective? Subset(IReadOnlyList<int> ranks) => RankSubset.Of(this, ranks);
 }
 
 /// <summary>A collective failed or missed its deadline; <see cref="Peer"/> names the rank at fault when known.</summary>
@@ -177,10 +221,21 @@ internal static class CollectiveArguments
             throw new ArgumentOutOfRangeException(what, $"{what} {rank} is not a rank of this collective of {size}.");
     }
 
-    internal static void CheckPeer(int peer, int self, int size)
+    internal static void CheckPeer(int peer, int self, int size, bool inGroup)
     {
         CheckRank(peer, size, "peer");
-        if (peer == self)
-            throw new ArgumentException($"rank {self} cannot send to or receive from itself.", nameof(peer));
+        if (peer == self && !inGroup)
+            throw new ArgumentException($"rank {self} cannot send to or receive from itself outside a group.", nameof(peer));
+    }
+
+    /// <summary>Refuses a subset list with ranks out of range or twice.</summary>
+    internal static void CheckSubset(IReadOnlyList<int> ranks, int size)
+    {
+        if (ranks.Count == 0)
+            throw new ArgumentException("a subset needs at least one rank", nameof(ranks));
+        foreach (int rank in ranks)
+            CheckRank(rank, size, "subset rank");
+        if (ranks.Distinct().Count() != ranks.Count)
+            throw new ArgumentException($"the subset [{string.Join(", ", ranks)}] names a rank twice", nameof(ranks));
     }
 }

@@ -186,6 +186,26 @@ internal sealed class CudaCopyStream(CudaStream stream, CudaBackend backend) : I
             backend.Kernels.EnqueueCopy(batch, Stream);
     }
 
+    /// <summary>Single rows join the copy kernel's batch; each copy of several rows is one 2-D copy on the copy engines.</summary>
+    public void CopyAsync(IDeviceBuffer destination, IDeviceBuffer source, IReadOnlyList<StridedCopy> copies)
+    {
+        var single = new List<CopyRun>();
+        foreach (StridedCopy copy in copies)
+        {
+            if (copy.Rows <= 1 || copy.Bytes == 0 || copy.FromPitch > int.MaxValue || copy.ToPitch > int.MaxValue)
+            {
+                single.AddRange(copy.Runs());
+                continue;
+            }
+            long toSpan = (copy.Rows - 1) * copy.ToPitch + copy.Bytes, fromSpan = (copy.Rows - 1) * copy.FromPitch + copy.Bytes;
+            (IDeviceBuffer to, long at) = SegmentedBuffer.Resolve(destination, copy.To, toSpan);
+            (IDeviceBuffer from, long offset) = SegmentedBuffer.Resolve(source, copy.From, fromSpan);
+            Stream.CopyAsync(CudaBackend.AsCuda(to), at, copy.ToPitch, CudaBackend.AsCuda(from), offset, copy.FromPitch, copy.Bytes, copy.Rows);
+        }
+        if (single.Count > 0)
+            CopyAsync(destination, source, single);
+    }
+
     public void CopyAsync(IDeviceBuffer destination, long destinationOffset, PinnedBuffer source, long sourceOffset, long length) =>
         Stream.CopyAsync(CudaBackend.AsCuda(destination), destinationOffset, source, sourceOffset, length);
 
@@ -222,19 +242,25 @@ internal sealed class CudaDeviceEvent(CudaEvent @event) : IDeviceEvent
     public void Dispose() => Event.Dispose();
 }
 
-/// <summary>An NCCL communicator behind the collective seam: non-blocking, with a deadline on every wait.</summary>
+/// <summary>
+/// An NCCL communicator behind the collective seam: non-blocking, with a deadline on every wait. A subset is a
+/// communicator split from this one; its errors name the ranks of the collective it was split from.
+/// </summary>
 internal sealed class NcclCollective : ICollective
 {
     internal const string Scheme = "nccl:";
     private readonly NcclCommunicator _comm;
     private readonly TimeSpan _timeout;
+    private readonly int[] _names;
+    private int _groupDepth;
 
-    private NcclCollective(NcclCommunicator comm, int rank, int size, TimeSpan timeout)
+    private NcclCollective(NcclCommunicator comm, int rank, int size, TimeSpan timeout, int[]? names = null)
     {
         _comm = comm;
         Rank = rank;
         Size = size;
         _timeout = timeout;
+        _names = names ?? Enumerable.Range(0, size).ToArray();
     }
 
     public int Rank { get; }
@@ -260,7 +286,7 @@ internal sealed class NcclCollective : ICollective
     {
         CollectiveArguments.CheckRank(root, Size, "root");
         ulong address = CudaBackend.AsCuda(buffer).At(offset, length);
-        Enqueue("broadcast", null, () => _comm.Broadcast(address, address, length, root, CudaBackend.AsCuda(stream)));
+        Enqueue("broadcast", Rank == root ? null : root, () => _comm.Broadcast(address, address, length, root, CudaBackend.AsCuda(stream)));
     }
 
     public void AllGather(IDeviceBuffer send, long sendOffset, IDeviceBuffer receive, long receiveOffset, long bytesPerRank, ICopyStream stream)
@@ -272,19 +298,67 @@ internal sealed class NcclCollective : ICollective
 
     public void Send(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream)
     {
-        CollectiveArguments.CheckPeer(peer, Rank, Size);
+        CollectiveArguments.CheckPeer(peer, Rank, Size, _groupDepth > 0);
         ulong address = CudaBackend.AsCuda(buffer).At(offset, length);
         Enqueue("send", peer, () => _comm.Send(address, length, peer, CudaBackend.AsCuda(stream)));
     }
 
     public void Receive(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream)
     {
-        CollectiveArguments.CheckPeer(peer, Rank, Size);
+        CollectiveArguments.CheckPeer(peer, Rank, Size, _groupDepth > 0);
         ulong address = CudaBackend.AsCuda(buffer).At(offset, length);
         Enqueue("receive", peer, () => _comm.Receive(address, length, peer, CudaBackend.AsCuda(stream)));
     }
 
-    public IDisposable Group() => new GroupScope(NcclCommunicator.Group(), this);
+    public IDisposable Group()
+    {
+        var scope = new GroupScope(NcclCommunicator.Group(), this);
+        _groupDepth++;
+        return scope;
+    }
+
+    /// <summary>Polls the event and the communicator's asynchronous error; at the deadline aborts the communicator, which ends its kernels.</summary>
+    public void Wait(IDeviceEvent done, int? peer, string what)
+    {
+        string waitingOn = peer is int p ? $" (waiting on rank {_names[p]})" : "";
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        for (int polls = 0; !done.IsComplete; polls++)
+        {
+            NcclResult state = _comm.GetAsyncError();
+            if (state is not NcclResult.Success and not NcclResult.InProgress)
+            {
+                Abort();
+                throw new CollectiveException($"rank {_names[Rank]}: {what} failed{waitingOn}: NCCL reports {state}; the communicator was aborted", peer is int q ? _names[q] : null);
+            }
+            if (clock.Elapsed > _timeout)
+            {
+                Abort();
+                throw new CollectiveException(
+                    $"rank {_names[Rank]}: {what} did not finish within {_timeout.TotalSeconds:0.#} s{waitingOn}; the communicator was aborted", peer is int q ? _names[q] : null);
+            }
+            if (polls < 2000)
+                Thread.SpinWait(64);
+            else
+                Thread.Sleep(1);
+        }
+    }
+
+    /// <summary>Splits the communicator: members pass color 0 and their place in the list as key, the others no color.</summary>
+    public ICollective? Subset(IReadOnlyList<int> ranks)
+    {
+        CollectiveArguments.CheckSubset(ranks, Size);
+        int place = ranks.ToList().IndexOf(Rank);
+        NcclCommunicator? split;
+        try
+        {
+            split = _comm.Split(place < 0 ? -1 : 0, Math.Max(place, 0), _timeout);
+        }
+        catch (Exception e) when (e is NcclException or TimeoutException)
+        {
+            throw new CollectiveException($"rank {_names[Rank]}: splitting ranks [{string.Join(", ", ranks.Select(r => _names[r]))}] off failed: {e.Message}", null, e);
+        }
+        return split is null ? null : new NcclCollective(split, place, ranks.Count, _timeout, [.. ranks.Select(r => _names[r])]);
+    }
 
     public void Abort() => _comm.Abort();
 
@@ -296,11 +370,17 @@ internal sealed class NcclCollective : ICollective
         try
         {
             call();
+            if (_groupDepth == 0 && operation != "group")
+                _comm.WaitReady(_timeout, operation); // outside a group, a non-blocking call may still be in progress: NCCL takes no other call until it is not
+        }
+        catch (TimeoutException e)
+        {
+            throw new CollectiveException($"rank {_names[Rank]}: {e.Message}", peer is int p ? _names[p] : null, e);
         }
         catch (NcclException e)
         {
-            string with = peer is null ? "" : $" with rank {peer}";
-            throw new CollectiveException($"rank {Rank}: NCCL {operation}{with} failed: {e.Message}", peer, e);
+            string with = peer is null ? "" : $" with rank {_names[peer.Value]}";
+            throw new CollectiveException($"rank {_names[Rank]}: NCCL {operation}{with} failed: {e.Message}", peer is int p ? _names[p] : null, e);
         }
     }
 
@@ -312,18 +392,26 @@ internal sealed class NcclCollective : ICollective
         }
         catch (TimeoutException e)
         {
-            throw new CollectiveException($"rank {Rank}: {e.Message}", null, e);
+            throw new CollectiveException($"rank {_names[Rank]}: {e.Message}", null, e);
         }
     }
 
     private sealed class GroupScope(NcclGroup group, NcclCollective owner) : IDisposable
     {
         private NcclGroup _group = group;
+        private bool _ended;
 
-        public void Dispose() => owner.Enqueue("group", null, () =>
+        public void Dispose()
         {
-            _group.Dispose();
-            owner.WaitGroup();
-        });
+            if (_ended)
+                return;
+            _ended = true;
+            owner._groupDepth--;
+            owner.Enqueue("group", null, () =>
+            {
+                _group.Dispose();
+                owner.WaitGroup();
+            });
+        }
     }
 }

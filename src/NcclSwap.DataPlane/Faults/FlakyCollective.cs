@@ -7,19 +7,19 @@ namespace NcclSwap.DataPlane;
 /// </summary>
 public sealed class FlakyCollective(ICollective inner, IBackend backend) : ICollective
 {
-    private int _left;
-    private long _above;
-    private int _corrupted;
+    private Faults _faults = new();
+    private int _groupDepth;
+    private readonly List<(IDeviceBuffer Buffer, long Offset, long Length, ICopyStream Stream)> _spoilAtEnd = [];
 
     public ICollective Inner { get; } = inner;
 
-    /// <summary>How many receives were spoiled so far.</summary>
-    public int Corrupted => Volatile.Read(ref _corrupted);
+    /// <summary>How many receives were spoiled so far (by this collective and its subsets).</summary>
+    public int Corrupted => Volatile.Read(ref _faults.Corrupted);
 
     public void CorruptReceives(int count, long above = 8)
     {
-        Volatile.Write(ref _above, above);
-        Volatile.Write(ref _left, count);
+        Volatile.Write(ref _faults.Above, above);
+        Volatile.Write(ref _faults.Left, count);
     }
 
     public int Rank => Inner.Rank;
@@ -44,7 +44,19 @@ public sealed class FlakyCollective(ICollective inner, IBackend backend) : IColl
         Spoil(buffer, offset, length, stream);
     }
 
-    public IDisposable Group() => Inner.Group();
+    /// <summary>Receives issued inside the group are spoiled when it ends, once their bytes have arrived.</summary>
+    public IDisposable Group()
+    {
+        IDisposable inner = Inner.Group();
+        _groupDepth++;
+        return new Scope(this, inner);
+    }
+
+    public void Wait(IDeviceEvent done, int? peer, string what) => Inner.Wait(done, peer, what);
+
+    /// <summary>The inner collective's subset, spoiling receives from the same count as this one.</summary>
+    public ICollective? Subset(IReadOnlyList<int> ranks) =>
+        Inner.Subset(ranks) is { } subset ? new FlakyCollective(subset, backend) { _faults = _faults } : null;
 
     public void Abort() => Inner.Abort();
 
@@ -52,10 +64,41 @@ public sealed class FlakyCollective(ICollective inner, IBackend backend) : IColl
 
     private void Spoil(IDeviceBuffer buffer, long offset, long length, ICopyStream stream)
     {
-        if (length <= Volatile.Read(ref _above) || Interlocked.Decrement(ref _left) < 0)
+        if (_groupDepth > 0)
+        {
+            _spoilAtEnd.Add((buffer, offset, length, stream));
+            return;
+        }
+        if (length <= Volatile.Read(ref _faults.Above) || Interlocked.Decrement(ref _faults.Left) < 0)
             return;
         stream.Synchronize();
         FlakyBackend.FlipMiddleBit(backend, buffer, offset, length, 0x08);
-        Interlocked.Increment(ref _corrupted);
+        Interlocked.Increment(ref _faults.Corrupted);
+    }
+
+    private sealed class Scope(FlakyCollective owner, IDisposable inner) : IDisposable
+    {
+        private bool _ended;
+
+        public void Dispose()
+        {
+            if (_ended)
+                return;
+            _ended = true;
+            inner.Dispose();
+            if (--owner._groupDepth > 0)
+                return;
+            var spoil = owner._spoilAtEnd.ToList();
+            owner._spoilAtEnd.Clear();
+            foreach (var (buffer, offset, length, stream) in spoil)
+                owner.Spoil(buffer, offset, length, stream);
+        }
+    }
+
+    private sealed class Faults
+    {
+        public int Left;
+        public long Above;
+        public int Corrupted;
     }
 }

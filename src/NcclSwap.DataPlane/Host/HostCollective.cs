@@ -186,14 +186,14 @@ public sealed class HostCollective : ICollective
 
     public unsafe void Send(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream)
     {
-        CollectiveArguments.CheckPeer(peer, Rank, Size);
+        CollectiveArguments.CheckPeer(peer, Rank, Size, _groupDepth > 0);
         fixed (byte* p = HostBackend.AsHost(buffer).GetSpan(offset, length))
             Issue([new Transfer(Operation.SendReceive, peer, Send: true, (nint)p, length)]);
     }
 
     public unsafe void Receive(IDeviceBuffer buffer, long offset, long length, int peer, ICopyStream stream)
     {
-        CollectiveArguments.CheckPeer(peer, Rank, Size);
+        CollectiveArguments.CheckPeer(peer, Rank, Size, _groupDepth > 0);
         fixed (byte* p = HostBackend.AsHost(buffer).GetSpan(offset, length))
             Issue([new Transfer(Operation.SendReceive, peer, Send: false, (nint)p, length)]);
     }
@@ -236,6 +236,8 @@ public sealed class HostCollective : ICollective
     /// <summary>Runs transfers: those to one peer in one direction in issue order, the rest concurrently.</summary>
     private void Execute(IReadOnlyList<Transfer> transfers)
     {
+        CopyToSelf(transfers.Where(t => t.Peer == Rank).ToList());
+        transfers = transfers.Where(t => t.Peer != Rank).ToList();
         if (transfers.Count == 0)
             return;
         Task[] lanes = transfers
@@ -254,6 +256,21 @@ public sealed class HostCollective : ICollective
         {
             Exception first = e.Flatten().InnerExceptions.OrderBy(x => x is CollectiveException { Peer: not null } ? 0 : 1).First();
             throw first is CollectiveException ? first : new CollectiveException($"rank {Rank}: {first.Message}", null, first);
+        }
+    }
+
+    /// <summary>A group's sends to this rank itself, each copied into its receive from itself, in order.</summary>
+    private unsafe void CopyToSelf(List<Transfer> transfers)
+    {
+        List<Transfer> sends = transfers.Where(t => t.Send).ToList(), receives = transfers.Where(t => !t.Send).ToList();
+        if (sends.Count != receives.Count)
+            throw new CollectiveException($"rank {Rank}: a group sent to this rank itself {sends.Count} time(s) but received from it {receives.Count} time(s)", Rank);
+        for (int i = 0; i < sends.Count; i++)
+        {
+            if (sends[i].Length != receives[i].Length)
+                throw new CollectiveException(
+                    $"rank {Rank}: send {i} to itself has {sends[i].Length} bytes but the receive it pairs with has {receives[i].Length}", Rank);
+            Buffer.MemoryCopy((void*)sends[i].Pointer, (void*)receives[i].Pointer, receives[i].Length, sends[i].Length);
         }
     }
 

@@ -1,142 +1,468 @@
 using System.Buffers.Binary;
+using System.IO.Hashing;
+using System.Runtime.InteropServices;
+using System.Text;
 using NcclSwap.DataPlane;
 
 namespace NcclSwap.WeightSets;
 
-/// <summary>What one rank did in a run of a <see cref="TransferPlan"/>: buckets sent or received, skipped as unchanged, sent again after a bad digest.</summary>
-public sealed record TransferReport(int Rank, int Buckets, int Skipped, int Resent, long Bytes, IReadOnlyDictionary<(int Transfer, int Bucket), Digest> Digests);
+/// <summary>
+/// What one rank did in a run of a <see cref="TransferPlan"/>. <see cref="Buckets"/> and <see cref="Bytes"/> count
+/// deliveries: a bucket a source broadcasts to three destinations counts three; a destination counts what it received.
+/// <see cref="Resent"/> counts buckets sent (or received) again after a bad digest, once each however many received them.
+/// <see cref="Digests"/> holds the digest of every bucket of the rank's transfers as a source packed it (a source
+/// keeps it, with <see cref="Tensors"/>, to skip what did not change next time).
+/// </summary>
+public sealed record TransferReport(int Rank, int Buckets, int Skipped, int Resent, long Bytes,
+    IReadOnlyDictionary<(int Transfer, int Bucket), Digest> Digests, IReadOnlyDictionary<string, Digest>? Tensors = null);
+
+/// <summary>Which rank of the collective plays each source and each destination of a plan; a rank may be one source and one destination at once.</summary>
+public sealed record PlanRanks(IReadOnlyList<int> Sources, IReadOnlyList<int> Destinations)
+{
+    /// <summary>Sources on ranks 0..N-1, destinations on N..N+M-1.</summary>
+    public static PlanRanks Separate(TransferPlan plan) =>
+        new(Enumerable.Range(0, plan.Sources).ToArray(), Enumerable.Range(plan.Sources, plan.Destinations).ToArray());
+
+    public int Size => Sources.Concat(Destinations).Max() + 1;
+
+    internal void Check(TransferPlan plan, int size)
+    {
+        if (Sources.Count != plan.Sources || Destinations.Count != plan.Destinations)
+            throw new ArgumentException($"the ranks name {Sources.Count} sources and {Destinations.Count} destinations; the plan has {plan.Sources} and {plan.Destinations}");
+        foreach (int rank in Sources.Concat(Destinations))
+            if ((uint)rank >= (uint)size)
+                throw new ArgumentException($"rank {rank} is not a rank of the collective of {size}");
+        if (Sources.Distinct().Count() != Sources.Count || Destinations.Distinct().Count() != Destinations.Count)
+            throw new ArgumentException("a rank plays at most one source and one destination");
+    }
+}
 
 /// <summary>
-/// Runs a <see cref="TransferPlan"/> over a collective whose ranks 0..N-1 are its sources and N..N+M-1 its
-/// destinations, every rank calling <see cref="Run"/> with the same plan. Transfers go in plan order and, within
-/// one, bucket by bucket and destination by destination, so two ranks always wait for each other in the same order
-/// and no cycle of waits can form. For each bucket the source packs it (<see cref="TransferPlan.PackRuns"/>) and
-/// sends its digest first; a destination whose bucket from the last run has that digest answers "skip" (frozen
-/// layers cost nothing), otherwise "send", checks the digest of what arrives, and asks for it again when it differs
-/// (at most <see cref="Resends"/> times, then the run fails naming the bucket). A broadcast to several destinations
-/// is, for now, a send to each; NCCL's own broadcast needs a communicator per destination set. A destination writes
-/// into the region it is given (laid out as <see cref="TransferPlan.DestinationLayout"/>) as buckets arrive, so a run
-/// that fails leaves it partly written: give it a staging copy, not what an engine serves. Failures of the
-/// collective (a dead or stalled peer) end the run with its <see cref="CollectiveException"/>, naming the peer.
+/// Runs a <see cref="TransferPlan"/> over a collective, every rank calling <see cref="Run(IDeviceBuffer?, IDeviceBuffer?, TransferReport?)"/>
+/// with the same plan and <see cref="PlanRanks"/>.
+/// <para>
+/// First the ranks exchange, in all-gathers, a fingerprint of the plan (a rank with another plan is named and
+/// refused) and what each destination holds now: the digest of every bucket's pieces as they lie in its region. A
+/// source skips a bucket when every tensor in it has the digest the source sent last time and every destination of it
+/// holds what was sent then (frozen layers cost nothing); a second all-gather tells every rank which buckets come.
+/// </para>
+/// <para>
+/// Then the transfers run in plan order (so no cycle of waits can form), each bucket by bucket through two staging
+/// buffers per rank: a source packs bucket i+1 while bucket i is on the wire, a destination unpacks bucket i into its
+/// region while bucket i+1 arrives. A bucket several destinations need is one broadcast on a collective of those ranks
+/// (<see cref="ICollective.Subset"/>, made once and kept), one destination's a send and receive (to itself, in a
+/// group, when source and destination share a rank). Every wait has the collective's deadline.
+/// </para>
+/// <para>
+/// After all the transfers a third all-gather compares the digest of each bucket as packed with the digest of what
+/// each destination now holds; a bucket that differs anywhere is sent again alone, at most <see cref="Resends"/>
+/// times, then the run fails naming the bucket and the destination on every rank. A destination writes into its
+/// region as buckets arrive, so a failed run leaves it partly written: give it a staging copy, not what an engine
+/// serves. Failures of the collective (a dead or stalled peer) end the run with its <see cref="CollectiveException"/>.
+/// </para>
 /// </summary>
-public sealed class PlanExecutor(TransferPlan plan, IBackend backend, ICollective collective)
+public sealed class PlanExecutor : IDisposable
 {
-    private const byte Skip = 0, Send = 1, Good = 2, Bad = 3;
+    private readonly IBackend _backend;
+    private readonly ICollective _collective;
+    private readonly int[] _bucketBase;
+    private readonly int _bucketCount;
+    private readonly ulong _fingerprint;
+    private ICollective?[]? _links;
+    private readonly List<ICollective> _owned = [];
+
+    public PlanExecutor(TransferPlan plan, IBackend backend, ICollective collective, PlanRanks? ranks = null)
+    {
+        Plan = plan;
+        _backend = backend;
+        _collective = collective;
+        Ranks = ranks ?? PlanRanks.Separate(plan);
+        Ranks.Check(plan, collective.Size);
+        _bucketBase = new int[plan.Transfers.Count];
+        for (int t = 0; t < plan.Transfers.Count; t++)
+        {
+            _bucketBase[t] = _bucketCount;
+            _bucketCount += plan.Transfers[t].Buckets.Buckets.Count;
+        }
+        _fingerprint = XxHash64.HashToUInt64(Encoding.UTF8.GetBytes(plan.ToJson() + string.Join(',', Ranks.Sources) + ";" + string.Join(',', Ranks.Destinations)));
+    }
 
     public int Resends { get; init; } = 2;
 
-    public TransferPlan Plan { get; } = plan;
+    public TransferPlan Plan { get; }
 
-    /// <summary>
-    /// One run: a source sends from <paramref name="region"/> (laid out as <see cref="TransferPlan.SourceLayout"/>), a
-    /// destination receives into it; <paramref name="previous"/> is that destination's report of the last run
-    /// (buckets whose digest it matches are skipped).
-    /// </summary>
+    public PlanRanks Ranks { get; }
+
+    /// <summary>Told after each transfer this rank takes part in: its index, the buckets moved, and the bytes.</summary>
+    public Action<int, int, long>? TransferDone { get; init; }
+
+    private int Me => _collective.Rank;
+
+    private int SourceOf(int rank) => IndexOf(Ranks.Sources, rank);
+
+    private int DestinationOf(int rank) => IndexOf(Ranks.Destinations, rank);
+
+    private static int IndexOf(IReadOnlyList<int> ranks, int rank)
+    {
+        for (int i = 0; i < ranks.Count; i++)
+            if (ranks[i] == rank)
+                return i;
+        return -1;
+    }
+
+    /// <summary>For a rank that is a source or a destination (not both): <paramref name="region"/> is what it sends from or receives into.</summary>
     public TransferReport Run(IDeviceBuffer region, TransferReport? previous = null)
     {
-        if (collective.Size != Plan.Sources + Plan.Destinations)
-            throw new ArgumentException($"the collective has {collective.Size} ranks; the plan needs {Plan.Sources} sources and {Plan.Destinations} destinations");
-        int rank = collective.Rank;
-        bool source = rank < Plan.Sources;
-        int me = source ? rank : rank - Plan.Sources;
-        RegionLayout layout = source ? Plan.SourceLayout() : Plan.DestinationLayout(me);
-        if (region.Length < layout.Length)
-            throw new ArgumentException($"the region holds {region.Length} bytes; rank {rank} needs {layout.Length}");
+        bool source = SourceOf(Me) >= 0, destination = DestinationOf(Me) >= 0;
+        if (source && destination)
+            throw new ArgumentException($"rank {Me} is a source and a destination: pass both regions");
+        return Run(source ? region : null, destination ? region : null, previous);
+    }
 
-        long largest = Plan.Transfers.SelectMany(t => t.Buckets.Buckets).Select(b => b.Bytes).DefaultIfEmpty(0).Max();
-        using IDeviceBuffer bucket = backend.Allocate(Math.Max(largest, 1));
-        using IDeviceBuffer word = backend.Allocate(8);
-        using ICopyStream stream = backend.CreateStream();
+    /// <summary>
+    /// One run. <paramref name="source"/> is this rank's region as a source (laid out as <see cref="TransferPlan.SourceLayout"/>,
+    /// unchanged until the run ends), <paramref name="destination"/> its region as a destination (<see cref="TransferPlan.DestinationLayout"/>);
+    /// null for a role the rank does not play. <paramref name="previous"/> is this rank's report of its last good run.
+    /// </summary>
+    public TransferReport Run(IDeviceBuffer? source, IDeviceBuffer? destination, TransferReport? previous = null)
+    {
+        int mySource = SourceOf(Me), myDestination = DestinationOf(Me);
+        RegionLayout? sourceLayout = mySource >= 0 ? Plan.SourceLayout() : null;
+        RegionLayout? destinationLayout = myDestination >= 0 ? Plan.DestinationLayout(myDestination) : null;
+        CheckRegion(source, sourceLayout, "source");
+        CheckRegion(destination, destinationLayout, "destination");
+        _links ??= MakeLinks();
+
+        // Which plan each rank runs (a fixed size, so that ranks with other plans meet here), then what each destination holds now.
+        ulong[][] plans = AllGather([_fingerprint]);
+        for (int rank = 0; rank < plans.Length; rank++)
+            if (plans[rank][0] != _fingerprint)
+                throw new InvalidOperationException($"rank {rank} runs another transfer plan or rank assignment than rank {Me} (fingerprint {plans[rank][0]:x16}, here {_fingerprint:x16})");
+        var mine = new ulong[1 + _bucketCount];
+        if (destination is not null)
+            foreach (var (t, b, digest) in RegionDigests(destination, destinationLayout!, MyBuckets(myDestination, asSource: false)))
+                mine[1 + _bucketBase[t] + b] = digest.Value;
+        ulong[][] held = AllGather(mine);
+
+        // Which buckets move: a source decides for its transfers, everyone learns it.
+        Dictionary<string, Digest>? tensors = source is null ? null : TensorDigests(source, sourceLayout!, mySource);
+        var decide = new ulong[_bucketCount];
         var digests = new Dictionary<(int, int), Digest>();
-        int buckets = 0, skipped = 0, resent = 0;
+        int skipped = 0;
+        if (source is not null)
+            foreach ((int t, int b) in MyBuckets(mySource, asSource: true))
+            {
+                bool skip = Unchanged(t, b, previous, tensors!, held);
+                decide[_bucketBase[t] + b] = skip ? 0ul : 1ul;
+                if (skip)
+                {
+                    digests[(t, b)] = previous!.Digests[(t, b)];
+                    skipped += Plan.Transfers[t].Destinations.Count;
+                }
+            }
+        ulong[][] decided = AllGather(decide);
+        var work = new List<(int Transfer, int Bucket)>();
+        for (int t = 0; t < Plan.Transfers.Count; t++)
+            for (int b = 0; b < Plan.Transfers[t].Buckets.Buckets.Count; b++)
+                if (decided[Ranks.Sources[Plan.Transfers[t].Source]][_bucketBase[t] + b] != 0)
+                    work.Add((t, b));
+        if (destination is not null && source is null)
+            skipped = MyBuckets(myDestination, asSource: false).Count() - work.Count(w => Plan.Transfers[w.Transfer].Destinations.Contains(myDestination));
+
+        long largest = Plan.Transfers.SelectMany(t => t.Buckets.Buckets).Select(b => b.Bytes).DefaultIfEmpty(1).Max();
+        using var pipe = new Pipeline(_backend, Math.Max(largest, 1), source is not null, destination is not null);
+        int buckets = 0, resent = 0;
         long bytes = 0;
+        for (int pass = 0; ; pass++)
+        {
+            var packed = new ulong[_bucketCount];
+            for (int t = 0; t < Plan.Transfers.Count; t++)
+            {
+                Transfer transfer = Plan.Transfers[t];
+                bool sends = transfer.Source == mySource, receives = myDestination >= 0 && transfer.Destinations.Contains(myDestination);
+                List<int> these = work.Where(w => w.Transfer == t).Select(w => w.Bucket).ToList();
+                if ((!sends && !receives) || these.Count == 0)
+                    continue;
+                long moved = RunTransfer(t, these, pipe, sends ? source : null, sourceLayout, receives ? destination : null, destinationLayout, packed);
+                int count = sends ? these.Count * transfer.Destinations.Count : these.Count;
+                buckets += count;
+                bytes += sends ? moved * transfer.Destinations.Count : moved;
+                if (pass > 0)
+                    resent += these.Count;
+                TransferDone?.Invoke(t, count, moved);
+            }
+
+            // Compare what was packed with what each destination holds now.
+            var check = new ulong[2 * _bucketCount];
+            foreach ((int t, int b) in work)
+                if (Plan.Transfers[t].Source == mySource)
+                    check[_bucketBase[t] + b] = packed[_bucketBase[t] + b];
+            if (destination is not null)
+                foreach (var (t, b, digest) in RegionDigests(destination, destinationLayout!, work.Where(w => Plan.Transfers[w.Transfer].Destinations.Contains(myDestination))))
+                    check[_bucketCount + _bucketBase[t] + b] = digest.Value;
+            ulong[][] checks = AllGather(check);
+            var bad = new List<(int Transfer, int Bucket, int Destination)>();
+            foreach ((int t, int b) in work)
+            {
+                Transfer transfer = Plan.Transfers[t];
+                ulong sent = checks[Ranks.Sources[transfer.Source]][_bucketBase[t] + b];
+                if (transfer.Source == mySource)
+                    digests[(t, b)] = new Digest(sent);
+                foreach (int d in transfer.Destinations)
+                    if (checks[Ranks.Destinations[d]][_bucketCount + _bucketBase[t] + b] != sent)
+                        bad.Add((t, b, d));
+            }
+            if (bad.Count == 0)
+                break;
+            if (pass == Resends)
+            {
+                var (t, b, d) = bad[0];
+                throw new InvalidDataException(
+                    $"bucket {b} of transfer {t} still arrives wrong at destination {d} (rank {Ranks.Destinations[d]}) after {Resends} re-send(s)" +
+                    (bad.Count > 1 ? $"; {bad.Count - 1} more bucket deliveries are wrong too" : ""));
+            }
+            work = bad.Select(x => (x.Transfer, x.Bucket)).Distinct().ToList();
+        }
+        return new TransferReport(Me, buckets, skipped, resent, bytes, digests, tensors);
+    }
+
+    /// <summary>
+    /// The buckets of transfer <paramref name="t"/> in <paramref name="buckets"/>, through the pipeline; returns the
+    /// bytes moved (once). A source records each bucket's digest as packed in <paramref name="packed"/>.
+    /// </summary>
+    private long RunTransfer(int t, List<int> buckets, Pipeline pipe, IDeviceBuffer? source, RegionLayout? sourceLayout,
+        IDeviceBuffer? destination, RegionLayout? destinationLayout, ulong[] packed)
+    {
+        Transfer transfer = Plan.Transfers[t];
+        ICollective link = _links![t] ?? throw new InvalidOperationException($"rank {Me} has no link for transfer {t}");
+        bool broadcast = transfer.IsBroadcast, sends = source is not null, receives = destination is not null;
+        int sourceRank = Ranks.Sources[transfer.Source];
+        // In a broadcast's collective the source is rank 0; otherwise the link is the whole collective.
+        int? waitOn = broadcast ? (sends ? null : 0) : sends ? Ranks.Destinations[transfer.Destinations[0]] : sourceRank;
+        long moved = 0;
+
+        void Finish(int i)
+        {
+            int slot = i % 2;
+            int b = buckets[i];
+            link.Wait(pipe.Moved[slot], waitOn, $"bucket {b} of transfer {t}");
+            IDeviceBuffer arrived = broadcast && sends ? pipe.Out[slot]! : pipe.In[slot]!;
+            pipe.Unpack.CopyAsync(destination!, arrived, TransferPlan.UnpackRuns(transfer, b, destinationLayout!));
+            pipe.Unpack.Record(pipe.Unpacked[slot]);
+        }
+
+        for (int i = 0; i < buckets.Count; i++)
+        {
+            int slot = i % 2, b = buckets[i];
+            long length = transfer.Buckets.Buckets[b].Bytes;
+            if (i >= 2)
+            {
+                link.Wait(pipe.Moved[slot], waitOn, $"bucket {buckets[i - 2]} of transfer {t}");
+                pipe.Unpacked[slot].Synchronize();
+            }
+            if (sends)
+            {
+                IDeviceBuffer bucket = pipe.Out[slot]!;
+                foreach ((long offset, long gap) in TransferPlan.Gaps(transfer, b))
+                    pipe.Pack.FillAsync(bucket, offset, gap, 0);
+                pipe.Pack.CopyAsync(bucket, source!, TransferPlan.PackCopies(transfer, b, sourceLayout!));
+                pipe.Pack.Synchronize();
+                packed[_bucketBase[t] + b] = Fold(_backend.Digests(bucket, TransferPlan.Pieces(transfer, b))).Value;
+            }
+            using (link.Group())
+            {
+                if (broadcast)
+                    link.Broadcast(sends ? pipe.Out[slot]! : pipe.In[slot]!, 0, length, 0, pipe.Wire);
+                else
+                {
+                    if (sends)
+                        link.Send(pipe.Out[slot]!, 0, length, Ranks.Destinations[transfer.Destinations[0]], pipe.Wire);
+                    if (receives)
+                        link.Receive(pipe.In[slot]!, 0, length, sourceRank, pipe.Wire);
+                }
+            }
+            pipe.Wire.Record(pipe.Moved[slot]);
+            moved += length;
+            if (receives && i > 0)
+                Finish(i - 1);
+        }
+        if (receives)
+            Finish(buckets.Count - 1);
+        for (int i = Math.Max(0, buckets.Count - 2); i < buckets.Count; i++)
+            link.Wait(pipe.Moved[i % 2], waitOn, $"bucket {buckets[i]} of transfer {t}");
+        pipe.Unpack.Synchronize();
+        return moved;
+    }
+
+    /// <summary>True when a source may skip bucket b of transfer t: its tensors are as last sent and every destination holds what was sent.</summary>
+    private bool Unchanged(int t, int b, TransferReport? previous, Dictionary<string, Digest> tensors, ulong[][] held)
+    {
+        if (previous?.Tensors is null || !previous.Digests.TryGetValue((t, b), out Digest last))
+            return false;
+        Transfer transfer = Plan.Transfers[t];
+        foreach (BucketPiece piece in transfer.Buckets.Buckets[b].Pieces)
+        {
+            string tensor = transfer.ByKey[piece.Tensor].Tensor;
+            if (!previous.Tensors.TryGetValue(tensor, out Digest before) || before != tensors[tensor])
+                return false;
+        }
+        return transfer.Destinations.All(d => held[Ranks.Destinations[d]][1 + _bucketBase[t] + b] == last.Value);
+    }
+
+    /// <summary>The (transfer, bucket) pairs a source sends or a destination receives.</summary>
+    private IEnumerable<(int Transfer, int Bucket)> MyBuckets(int role, bool asSource)
+    {
         for (int t = 0; t < Plan.Transfers.Count; t++)
         {
             Transfer transfer = Plan.Transfers[t];
-            bool mine = source ? transfer.Source == me : transfer.Destinations.Contains(me);
-            if (!mine)
-                continue;
-            for (int b = 0; b < transfer.Buckets.Buckets.Count; b++)
-            {
-                long length = transfer.Buckets.Buckets[b].Bytes;
-                if (source)
-                {
-                    foreach ((long offset, long gap) in TransferPlan.Gaps(transfer, b))
-                        stream.FillAsync(bucket, offset, gap, 0);
-                    stream.CopyAsync(bucket, region, TransferPlan.PackRuns(transfer, b, layout));
-                    stream.Synchronize();
-                    Digest digest = DigestOf(bucket, length);
-                    foreach (int destination in transfer.Destinations)
-                    {
-                        int peer = Plan.Sources + destination;
-                        Exchange(word, digest.Value, peer, send: true, stream);
-                        if (Exchange(word, 0, peer, send: false, stream) == Skip)
-                        {
-                            skipped++;
-                            continue;
-                        }
-                        for (int attempt = 0; ; attempt++)
-                        {
-                            collective.Send(bucket, 0, length, peer, stream);
-                            buckets++;
-                            bytes += length;
-                            if (Exchange(word, 0, peer, send: false, stream) == Good)
-                                break;
-                            if (attempt == Resends)
-                                throw new InvalidDataException($"bucket {b} of transfer {t} still arrives wrong at destination {destination} (rank {peer}) after {attempt} re-send(s)");
-                            resent++;
-                        }
-                    }
-                    digests[(t, b)] = digest;
-                }
-                else
-                {
-                    int peer = transfer.Source;
-                    var digest = new Digest(Exchange(word, 0, peer, send: false, stream));
-                    digests[(t, b)] = digest;
-                    if (previous is not null && previous.Digests.TryGetValue((t, b), out Digest had) && had == digest)
-                    {
-                        Exchange(word, Skip, peer, send: true, stream);
-                        skipped++;
-                        continue;
-                    }
-                    Exchange(word, Send, peer, send: true, stream);
-                    for (int attempt = 0; ; attempt++)
-                    {
-                        collective.Receive(bucket, 0, length, peer, stream);
-                        buckets++;
-                        bytes += length;
-                        bool good = DigestOf(bucket, length) == digest;
-                        Exchange(word, good ? Good : Bad, peer, send: true, stream);
-                        if (good)
-                            break;
-                        if (attempt == Resends)
-                            throw new InvalidDataException($"bucket {b} of transfer {t} from source {peer} still arrives wrong after {attempt} re-send(s)");
-                        resent++;
-                    }
-                    stream.CopyAsync(region, bucket, TransferPlan.UnpackRuns(transfer, b, layout));
-                    stream.Synchronize();
-                }
-            }
+            if (asSource ? transfer.Source == role : transfer.Destinations.Contains(role))
+                for (int b = 0; b < transfer.Buckets.Buckets.Count; b++)
+                    yield return (t, b);
         }
-        return new TransferReport(rank, buckets, skipped, resent, bytes, digests);
     }
 
-    private Digest DigestOf(IDeviceBuffer buffer, long length) => backend.Digests(buffer, [(0, length)])[0];
-
-    /// <summary>Sends <paramref name="value"/> to <paramref name="peer"/>, or receives a value from it: 8 bytes either way.</summary>
-    private ulong Exchange(IDeviceBuffer word, ulong value, int peer, bool send, ICopyStream stream)
+    /// <summary>The digest of each bucket's pieces as they lie in a destination's region, in one batch.</summary>
+    private List<(int Transfer, int Bucket, Digest Digest)> RegionDigests(IDeviceBuffer region, RegionLayout layout, IEnumerable<(int Transfer, int Bucket)> buckets)
     {
-        Span<byte> bytes = stackalloc byte[8];
-        if (send)
+        var which = buckets.ToList();
+        var ranges = new List<(long Offset, long Length)>();
+        var counts = new List<int>(which.Count);
+        foreach ((int t, int b) in which)
         {
-            BinaryPrimitives.WriteUInt64LittleEndian(bytes, value);
-            backend.Upload(bytes, word);
-            collective.Send(word, 0, 8, peer, stream);
-            return value;
+            List<CopyRun> runs = TransferPlan.UnpackRuns(Plan.Transfers[t], b, layout);
+            ranges.AddRange(runs.Select(r => (r.To, r.Bytes)));
+            counts.Add(runs.Count);
         }
-        collective.Receive(word, 0, 8, peer, stream);
-        backend.Download(word, 0, bytes);
-        return BinaryPrimitives.ReadUInt64LittleEndian(bytes);
+        Digest[] all = ranges.Count == 0 ? [] : _backend.Digests(region, ranges);
+        var result = new List<(int, int, Digest)>(which.Count);
+        int at = 0;
+        for (int i = 0; i < which.Count; i++)
+        {
+            result.Add((which[i].Transfer, which[i].Bucket, Fold(all.AsSpan(at, counts[i]))));
+            at += counts[i];
+        }
+        return result;
+    }
+
+    /// <summary>The digest of every whole tensor a source sends, in one batch.</summary>
+    private Dictionary<string, Digest> TensorDigests(IDeviceBuffer region, RegionLayout layout, int source)
+    {
+        var names = Plan.Transfers.Where(t => t.Source == source).SelectMany(t => t.Parts).Select(p => p.Tensor).Distinct().ToList();
+        Digest[] digests = names.Count == 0 ? [] : _backend.Digests(region, names.Select(n => (layout[n].Offset, layout[n].Bytes)).ToList());
+        return names.Select((n, i) => (n, digests[i])).ToDictionary(x => x.n, x => x.Item2, StringComparer.Ordinal);
+    }
+
+    /// <summary>One digest for a bucket: XXH64 of its pieces' digests in order.</summary>
+    private static Digest Fold(ReadOnlySpan<Digest> pieces) => new(XxHash64.HashToUInt64(MemoryMarshal.AsBytes(pieces)));
+
+    /// <summary>Every rank's <paramref name="mine"/>, by rank, through the collective's all-gather.</summary>
+    private ulong[][] AllGather(ulong[] mine)
+    {
+        int size = _collective.Size;
+        long bytes = (long)mine.Length * sizeof(ulong);
+        using IDeviceBuffer send = _backend.Allocate(Math.Max(bytes, 8));
+        using IDeviceBuffer all = _backend.Allocate(Math.Max(bytes * size, 8));
+        using ICopyStream stream = _backend.CreateStream();
+        using IDeviceEvent done = _backend.CreateEvent();
+        _backend.Upload(MemoryMarshal.AsBytes(mine.AsSpan()), send);
+        using (_collective.Group())
+            _collective.AllGather(send, 0, all, 0, bytes, stream);
+        stream.Record(done);
+        _collective.Wait(done, null, "the exchange of bucket digests");
+        byte[] gathered = new byte[bytes * size];
+        _backend.Download(all, 0, gathered);
+        return Enumerable.Range(0, size).Select(r => MemoryMarshal.Cast<byte, ulong>(gathered.AsSpan((int)(r * bytes), (int)bytes)).ToArray()).ToArray();
+    }
+
+    /// <summary>
+    /// The collective each transfer runs on: the whole one for a send, a subset of the source and its destinations for
+    /// a broadcast (one per distinct set, made by every rank in plan order); null where this rank takes no part.
+    /// </summary>
+    private ICollective?[] MakeLinks()
+    {
+        var links = new ICollective?[Plan.Transfers.Count];
+        var made = new Dictionary<string, ICollective?>(StringComparer.Ordinal);
+        for (int t = 0; t < Plan.Transfers.Count; t++)
+        {
+            Transfer transfer = Plan.Transfers[t];
+            if (!transfer.IsBroadcast)
+            {
+                links[t] = _collective;
+                continue;
+            }
+            int root = Ranks.Sources[transfer.Source];
+            int[] members = [root, .. transfer.Destinations.Select(d => Ranks.Destinations[d]).Where(r => r != root)];
+            string key = string.Join(',', members);
+            if (!made.TryGetValue(key, out ICollective? link))
+            {
+                made[key] = link = _collective.Subset(members);
+                if (link is not null)
+                    _owned.Add(link);
+            }
+            links[t] = link;
+        }
+        return links;
+    }
+
+    private void CheckRegion(IDeviceBuffer? region, RegionLayout? layout, string role)
+    {
+        if (layout is null && region is not null)
+            throw new ArgumentException($"rank {Me} is not a {role} of the plan, but was given a {role} region");
+        if (layout is not null && region is null)
+            throw new ArgumentException($"rank {Me} is a {role} of the plan and needs a {role} region of {layout.Length} bytes");
+        if (layout is not null && region!.Length < layout.Length)
+            throw new ArgumentException($"the {role} region holds {region.Length} bytes; rank {Me} needs {layout.Length}");
+    }
+
+    public void Dispose()
+    {
+        foreach (ICollective link in _owned)
+            link.Dispose();
+        _owned.Clear();
+    }
+
+    /// <summary>Two staging buckets each way, the streams that pack, move and unpack them, and the events between.</summary>
+    private sealed class Pipeline : IDisposable
+    {
+        private readonly List<IDisposable> _owned = [];
+
+        public Pipeline(IBackend backend, long bucketBytes, bool sends, bool receives)
+        {
+            T Own<T>(T item) where T : IDisposable
+            {
+                _owned.Add(item);
+                return item;
+            }
+            for (int slot = 0; slot < 2; slot++)
+            {
+                Out[slot] = sends ? Own(backend.Allocate(bucketBytes)) : null;
+                In[slot] = receives ? Own(backend.Allocate(bucketBytes)) : null;
+                Moved[slot] = Own(backend.CreateEvent());
+                Unpacked[slot] = Own(backend.CreateEvent());
+            }
+            Pack = Own(backend.CreateStream());
+            Wire = Own(backend.CreateStream());
+            Unpack = Own(backend.CreateStream());
+        }
+
+        public IDeviceBuffer?[] Out { get; } = new IDeviceBuffer?[2];
+
+        public IDeviceBuffer?[] In { get; } = new IDeviceBuffer?[2];
+
+        public IDeviceEvent[] Moved { get; } = new IDeviceEvent[2];
+
+        public IDeviceEvent[] Unpacked { get; } = new IDeviceEvent[2];
+
+        public ICopyStream Pack { get; }
+
+        public ICopyStream Wire { get; }
+
+        public ICopyStream Unpack { get; }
+
+        public void Dispose()
+        {
+            foreach (IDisposable item in _owned)
+                item.Dispose();
+        }
     }
 }

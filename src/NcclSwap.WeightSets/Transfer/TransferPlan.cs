@@ -170,27 +170,48 @@ public sealed class TransferPlan
 
     /// <summary>
     /// The copies that fill bucket <paramref name="bucket"/> of <paramref name="transfer"/> at a source laid out as
-    /// <paramref name="source"/> (<see cref="SourceLayout"/>): From is in the source's region, To in the bucket; a
-    /// part cut along a later dimension gives a run per row.
+    /// <paramref name="source"/> (<see cref="SourceLayout"/>): From is in the source's region, To in the bucket. A part
+    /// cut along a later dimension is one strided copy of its whole rows, plus a partial row where a piece starts or
+    /// ends within one; a part whose rows are contiguous is one plain copy.
     /// </summary>
-    public static List<CopyRun> PackRuns(Transfer transfer, int bucket, RegionLayout source)
+    public static List<StridedCopy> PackCopies(Transfer transfer, int bucket, RegionLayout source)
     {
-        var runs = new List<CopyRun>();
-        foreach ((BucketPiece piece, TensorPart part) in Pieces(transfer, bucket))
+        var copies = new List<StridedCopy>();
+        foreach ((BucketPiece piece, TensorPart part) in PartPieces(transfer, bucket))
         {
-            long tensorAt = source[part.Tensor].Offset;
+            long tensorAt = source[part.Tensor].Offset + part.Offset;
+            if (part.Stride == part.RunBytes || part.Runs == 1)
+            {
+                copies.Add(new StridedCopy(tensorAt + piece.TensorOffset, 0, piece.BucketOffset, 0, piece.Bytes, 1));
+                continue;
+            }
             long done = 0;
             while (done < piece.Bytes)
             {
                 long at = piece.TensorOffset + done; // in the part's bytes
-                long run = at / part.RunBytes, within = at % part.RunBytes;
+                long row = at / part.RunBytes, within = at % part.RunBytes;
+                long rows = within == 0 ? (piece.Bytes - done) / part.RunBytes : 0;
+                if (rows > 0)
+                {
+                    copies.Add(new StridedCopy(tensorAt + row * part.Stride, part.Stride, piece.BucketOffset + done, part.RunBytes, part.RunBytes, rows));
+                    done += rows * part.RunBytes;
+                    continue;
+                }
                 long take = Math.Min(part.RunBytes - within, piece.Bytes - done);
-                runs.Add(new CopyRun(tensorAt + part.Offset + run * part.Stride + within, piece.BucketOffset + done, take));
+                copies.Add(new StridedCopy(tensorAt + row * part.Stride + within, 0, piece.BucketOffset + done, 0, take, 1));
                 done += take;
             }
         }
-        return runs;
+        return copies;
     }
+
+    /// <summary><see cref="PackCopies"/> as one contiguous run per row.</summary>
+    public static List<CopyRun> PackRuns(Transfer transfer, int bucket, RegionLayout source) =>
+        PackCopies(transfer, bucket, source).SelectMany(c => c.Runs()).ToList();
+
+    /// <summary>The ranges of bucket <paramref name="bucket"/> that hold tensor bytes (one per piece), in bucket order: what a bucket's digest covers.</summary>
+    public static List<(long Offset, long Length)> Pieces(Transfer transfer, int bucket) =>
+        transfer.Buckets.Buckets[bucket].Pieces.Select(p => (p.BucketOffset, p.Bytes)).ToList();
 
     /// <summary>The ranges of bucket <paramref name="bucket"/> of <paramref name="transfer"/> no piece covers (alignment padding): a packer zeroes them, so that a bucket's bytes, and its digest, depend on the tensors alone.</summary>
     public static List<(long Offset, long Length)> Gaps(Transfer transfer, int bucket)
@@ -211,9 +232,9 @@ public sealed class TransferPlan
 
     /// <summary>The copies that take bucket <paramref name="bucket"/> of <paramref name="transfer"/> apart at a destination laid out as <paramref name="destination"/> (<see cref="DestinationLayout"/>): From is in the bucket.</summary>
     public static List<CopyRun> UnpackRuns(Transfer transfer, int bucket, RegionLayout destination) =>
-        Pieces(transfer, bucket).Select(x => new CopyRun(x.Piece.BucketOffset, destination[x.Part.Tensor].Offset + x.Piece.TensorOffset, x.Piece.Bytes)).ToList();
+        PartPieces(transfer, bucket).Select(x => new CopyRun(x.Piece.BucketOffset, destination[x.Part.Tensor].Offset + x.Piece.TensorOffset, x.Piece.Bytes)).ToList();
 
-    private static IEnumerable<(BucketPiece Piece, TensorPart Part)> Pieces(Transfer transfer, int bucket) =>
+    private static IEnumerable<(BucketPiece Piece, TensorPart Part)> PartPieces(Transfer transfer, int bucket) =>
         transfer.Buckets.Buckets[bucket].Pieces.Select(piece => (piece, transfer.ByKey[piece.Tensor]));
 
     /// <summary>Bytes each destination receives (parts plus bucket padding), by rank.</summary>

@@ -30,5 +30,33 @@ internal static partial class Interop
         // device memory or registered (mapped) host memory. No _v2: it was introduced with 64-bit sizes.
         [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemcpyAsync")]
         internal static partial CuResult MemcpyAsync(ulong destination, ulong source, nuint bytes, nint stream);
+
+        // CUmemorytype: with unified addressing, UNIFIED lets the driver tell device from mapped host memory.
+        internal const int MemoryTypeUnified = 4;
+
+        /// <summary><c>CUDA_MEMCPY2D</c>: Height rows of WidthInBytes bytes, each Pitch bytes after the one before.</summary>
+        [StructLayout(LayoutKind.Sequential)]
+        internal struct Memcpy2D
+        {
+            internal nuint SourceXInBytes;
+            internal nuint SourceY;
+            internal int SourceMemoryType;
+            internal nint SourceHost;
+            internal ulong SourceDevice;
+            internal nint SourceArray;
+            internal nuint SourcePitch;
+            internal nuint DestinationXInBytes;
+            internal nuint DestinationY;
+            internal int DestinationMemoryType;
+            internal nint DestinationHost;
+            internal ulong DestinationDevice;
+            internal nint DestinationArray;
+            internal nuint DestinationPitch;
+            internal nuint WidthInBytes;
+            internal nuint Height;
+        }
+
+        [LibraryImport(Libraries.Cuda, EntryPoint = "cuMemcpy2DAsync_v2")]
+        internal static unsafe partial CuResult Memcpy2DAsync(Memcpy2D* copy, nint stream);
     }
 }
