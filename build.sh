@@ -7,7 +7,7 @@
 #                              artifacts/gpu/, for a GPU machine
 #   ./build.sh gpu-test DIR    on the GPU machine: run `nccl-swap doctor --bench`, the suite packaged in DIR, the Python
 #                              client's GPU tests (PyTorch), the demo (CUDA, then host) and the GPU benchmarks of perf/
-#                              (digest, checkpoint load, co-located path), logging to $OUT (or DIR/logs)
+#                              (digest, checkpoint load, transfer plan over NCCL, co-located path), logging to $OUT (or DIR/logs)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -62,6 +62,9 @@ case "${1:-}" in
       echo "== perf: gpu-digest, load" | tee "$logs/perf.log"
       "$work/suite/NcclSwap.Perf" gpu-digest 8 2>&1 | tee -a "$logs/perf.log" || status=$?
       "$work/suite/NcclSwap.Perf" load 8 8 2>&1 | tee -a "$logs/perf.log" || status=$?
+      echo "== perf: one destination's share of a transfer plan over NCCL (Qwen3-235B-A22B shapes, TP8; Llama-3-8B, TP1)" | tee "$logs/transfer.log"
+      "$work/suite/NcclSwap.Perf" transfer perf/layouts/qwen3-235b-a22b.json --tp 8 --layers 10 2>&1 | tee -a "$logs/transfer.log" || status=$?
+      "$work/suite/NcclSwap.Perf" transfer perf/layouts/llama-3-8b.json --tp 1 2>&1 | tee -a "$logs/transfer.log" || status=$?
       echo "== perf: co-located GPU path against the copy limit and PyTorch peers (perf/colocated.py)" | tee "$logs/colocated.log"
       python3 perf/colocated.py "$dir/nccl-swap" 2>&1 | tee -a "$logs/colocated.log" || status=$?
       grep -E 'Total:|\[FAIL\]' "$logs/gpu-tests.log" || true

@@ -9,6 +9,9 @@ using NcclSwap.Perf;
 //   version-check         BenchmarkDotNet: the consumer's per-step version-table load
 //   agent-channel [count] ping round trips through a real agent in another process (dispatcher and handler), p50/p99
 //   consumer-step         BenchmarkDotNet: ConsumerClient.Step when nothing is new (the engine's per-step cost)
+//   transfer LAYOUT [--tp M] [--destination D] [--layers N] [--bucket-mib B] [--runs R] [--host]
+//                         one destination's share of a transfer plan through the executor on one rank, against raw
+//                         collective sends and device-to-device copies of the same buckets
 return args.FirstOrDefault() switch
 {
     "cpu-digest" => CpuDigest.Run(args[1..]),
@@ -20,11 +23,12 @@ return args.FirstOrDefault() switch
     "agent-channel" => AgentChannelBenchmark.Run(args[1..]),
     AgentChannelBenchmark.AgentVerb => AgentChannelBenchmark.Host(args[1..]),
     "consumer-step" => ConsumerStep.Run(args[1..]),
+    "transfer" => TransferBenchmark.Run(args[1..]),
     _ => Usage(),
 };
 
 static int Usage()
 {
-    Console.Error.WriteLine("usage: NcclSwap.Perf cpu-digest [BenchmarkDotNet args] | gpu-digest [GiB] | load [GiB] [shards] | channel [count] | version-check | agent-channel [count] | consumer-step");
+    Console.Error.WriteLine("usage: NcclSwap.Perf cpu-digest [BenchmarkDotNet args] | gpu-digest [GiB] | load [GiB] [shards] | channel [count] | version-check | agent-channel [count] | consumer-step | transfer LAYOUT [--tp M] [--layers N] ...");
     return 2;
 }

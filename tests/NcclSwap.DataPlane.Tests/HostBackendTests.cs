@@ -42,6 +42,13 @@ public class HostBackendTests
     }
 
     [Fact]
+    public void Strided_copies_land_row_by_row()
+    {
+        using var backend = new HostBackend();
+        BackendConformance.StridedCopiesLandRowByRow(backend, TestData.NewSeed());
+    }
+
+    [Fact]
     public void Segmented_buffers_copy_and_digest_like_their_parts()
     {
         using var backend = new HostBackend();

@@ -25,6 +25,14 @@ public class CudaBackendTests
     }
 
     [Fact]
+    public void Strided_copies_land_row_by_row_as_2d_copies()
+    {
+        Gpu.RequireContext().Dispose();
+        using var backend = new CudaBackend(0);
+        BackendConformance.StridedCopiesLandRowByRow(backend, TestData.NewSeed());
+    }
+
+    [Fact]
     public void Out_of_range_copies_are_refused_and_change_nothing()
     {
         Gpu.RequireContext().Dispose();

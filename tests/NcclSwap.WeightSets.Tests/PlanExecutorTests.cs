@@ -142,7 +142,7 @@ public class PlanExecutorTests
     }
 
     /// <summary>Runs a plan whose source 0 shares rank 0 with destination 0: rank r holds destination r.</summary>
-    private static (byte[][] Held, TransferReport[] Reports) RunShared(TransferPlan plan, byte[] model, byte[][] held, TransferReport[]? previous)
+    private static (byte[][] Held, TransferReport[] Reports) RunShared(TransferPlan plan, byte[] model, byte[][] held, TransferReport[]? previous, bool skip = true)
     {
         int size = plan.Destinations;
         var ranks = new PlanRanks([0], Enumerable.Range(0, size).ToArray());
@@ -160,7 +160,7 @@ public class PlanExecutorTests
                 if (source is not null)
                     backend.Upload(model, source);
                 backend.Upload(held[rank], destination);
-                using var executor = new PlanExecutor(plan, backend, collective, ranks);
+                using var executor = new PlanExecutor(plan, backend, collective, ranks) { SkipUnchanged = skip };
                 reports[rank] = executor.Run(source, destination, previous?[rank]);
                 backend.Download(destination, 0, held[rank] = new byte[held[rank].Length]);
             }
@@ -194,6 +194,44 @@ public class PlanExecutorTests
 
         var (again, second) = RunShared(plan, model, held, reports);
         Assert.All(second, r => Assert.Equal(0, r.Buckets));
+        AssertHolds(plan, model, new Outcome([model, .. again], [], []), seed);
+    }
+
+    [Fact]
+    public void One_destinations_share_of_a_plan_runs_on_one_rank_with_the_same_buckets()
+    {
+        // Destination 2 of 4 on its own (a single-GPU run of one tensor-parallel rank): it receives the bytes, in the
+        // buckets, that it receives in the whole plan, and ends with exactly its parts.
+        int seed = TestData.NewSeed();
+        TransferPlan whole = TransferPlan.Create(new ModelLayout("mixed", TransferPlanTests.MixedTensors), 1, 4, bucketBytes: 1024);
+        TransferPlan share = whole.ForDestination(2);
+        Assert.Equal(1, share.Destinations);
+        Assert.Equal(whole.ReceivedBytes()[2], share.ReceivedBytes()[0]);
+        Assert.Equal(whole.DestinationLayout(2).Length, share.DestinationLayout(0).Length);
+        Assert.All(share.Transfers, t => Assert.False(t.IsBroadcast));
+
+        byte[] model = TestData.Random((int)share.SourceLayout().Length, seed);
+        var (held, reports) = RunShared(share, model, [TestData.Random((int)share.DestinationLayout(0).Length, seed + 1)], null);
+        RegionLayout source = share.SourceLayout(), layout = share.DestinationLayout(0);
+        foreach (LayoutTensor t in share.Layout.Tensors)
+            Assert.True(TransferPlanTests.Expected(t, model.AsSpan((int)source[t.Name].Offset, (int)t.Bytes).ToArray(), 2, 4)
+                .AsSpan().SequenceEqual(held[0].AsSpan((int)layout[t.Name].Offset, (int)layout[t.Name].Bytes)), $"{t.Name} (seed {seed})");
+        Assert.Equal(whole.ReceivedBytes()[2], reports[0].Bytes);
+    }
+
+    [Fact]
+    public void Without_the_search_for_unchanged_buckets_every_bucket_moves_every_run()
+    {
+        int seed = TestData.NewSeed();
+        TransferPlan plan = TransferPlan.Create(new ModelLayout("mixed", TransferPlanTests.MixedTensors), 1, 2, bucketBytes: 1024);
+        byte[] model = TestData.Random((int)plan.SourceLayout().Length, seed);
+        byte[][] start = Enumerable.Range(0, 2).Select(d => TestData.Random((int)plan.DestinationLayout(d).Length, seed + 1 + d)).ToArray();
+        var (held, first) = RunShared(plan, model, start, null, skip: false);
+        Assert.Null(first[0].Tensors);
+        var (again, second) = RunShared(plan, model, held, first, skip: false);
+        int all = plan.Transfers.Sum(t => t.Buckets.Buckets.Count * t.Destinations.Count);
+        Assert.Equal(all, second[0].Buckets);
+        Assert.Equal(0, second[0].Skipped);
         AssertHolds(plan, model, new Outcome([model, .. again], [], []), seed);
     }
 

@@ -89,6 +89,13 @@ public sealed class PlanExecutor : IDisposable
 
     public int Resends { get; init; } = 2;
 
+    /// <summary>
+    /// Whether to look for buckets that need not move (on by default). It costs a read of every tensor a source sends
+    /// parts of and of every destination's region per run; where every tensor changes every version (full
+    /// fine-tuning) it finds nothing, and turning it off saves those reads.
+    /// </summary>
+    public bool SkipUnchanged { get; init; } = true;
+
     public TransferPlan Plan { get; }
 
     public PlanRanks Ranks { get; }
@@ -139,20 +146,20 @@ public sealed class PlanExecutor : IDisposable
             if (plans[rank][0] != _fingerprint)
                 throw new InvalidOperationException($"rank {rank} runs another transfer plan or rank assignment than rank {Me} (fingerprint {plans[rank][0]:x16}, here {_fingerprint:x16})");
         var mine = new ulong[1 + _bucketCount];
-        if (destination is not null)
+        if (destination is not null && SkipUnchanged)
             foreach (var (t, b, digest) in RegionDigests(destination, destinationLayout!, MyBuckets(myDestination, asSource: false)))
                 mine[1 + _bucketBase[t] + b] = digest.Value;
         ulong[][] held = AllGather(mine);
 
         // Which buckets move: a source decides for its transfers, everyone learns it.
-        Dictionary<string, Digest>? tensors = source is null ? null : TensorDigests(source, sourceLayout!, mySource);
+        Dictionary<string, Digest>? tensors = source is null || !SkipUnchanged ? null : TensorDigests(source, sourceLayout!, mySource);
         var decide = new ulong[_bucketCount];
         var digests = new Dictionary<(int, int), Digest>();
         int skipped = 0;
         if (source is not null)
             foreach ((int t, int b) in MyBuckets(mySource, asSource: true))
             {
-                bool skip = Unchanged(t, b, previous, tensors!, held);
+                bool skip = tensors is not null && Unchanged(t, b, previous, tensors, held);
                 decide[_bucketBase[t] + b] = skip ? 0ul : 1ul;
                 if (skip)
                 {

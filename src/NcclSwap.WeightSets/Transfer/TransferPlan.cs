@@ -112,6 +112,19 @@ public sealed class TransferPlan
     }
 
     /// <summary>
+    /// What destination <paramref name="destination"/> receives, as a plan of that one destination: the transfers that
+    /// reach it, each with its parts and buckets as they are (so the same bytes in the same buckets), sent to it alone.
+    /// One GPU of a tensor-parallel group, run on its own (a single-GPU machine, a benchmark of one rank's share).
+    /// </summary>
+    public TransferPlan ForDestination(int destination)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(destination);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(destination, Destinations);
+        var transfers = Transfers.Where(t => t.Destinations.Contains(destination)).Select(t => t with { Destinations = [0] }).ToList();
+        return new TransferPlan(Layout, Sources, 1, BucketBytes, transfers);
+    }
+
+    /// <summary>
     /// The parts of <paramref name="tensor"/> across <paramref name="ranks"/> ranks and who holds each: one part for
     /// all when it is replicated; else min(ranks, shards) parts, rank r holding part r / (ranks / parts).
     /// </summary>
