@@ -71,7 +71,8 @@ internal static partial class TransferBenchmark
                     bestSearching = Math.Min(bestSearching, seconds);
                 else
                     best = Math.Min(best, seconds);
-                Console.WriteLine($"  full update {run + 1}{(how == executor ? ", looking for unchanged buckets" : "")}: {seconds * 1e3:0.0} ms, {report.Buckets} buckets, {report.Bytes / seconds / 1e9:0.0} GB/s");
+                Console.WriteLine($"  full update {run + 1}{(how == executor ? ", looking for unchanged buckets" : "")}: {seconds * 1e3:0.0} ms, {report.Buckets} buckets, {report.Bytes / seconds / 1e9:0.0} GB/s" +
+                    $" ({string.Join(", ", report.Phases.Select(p => $"{p.Key} {p.Value:0.0} ms"))})");
             }
         }
         Fill(backend, target, seed: 99);

@@ -42,7 +42,8 @@ public class PlanExecutorTests
                 faults?.Invoke(rank, collective);
                 using IDeviceBuffer region = backend.Allocate(regions[rank].Length);
                 backend.Upload(regions[rank], region);
-                reports[rank] = new PlanExecutor(plan, backend, collective).Run(region, previous?[rank]);
+                using var executor = new PlanExecutor(plan, backend, collective);
+                reports[rank] = executor.Run(region, previous?[rank]);
                 backend.Download(region, 0, regions[rank] = new byte[regions[rank].Length]);
             }
             catch (Exception e)
@@ -280,7 +281,8 @@ public class PlanExecutorTests
                 backend.Upload(bytes, region);
                 try
                 {
-                    new PlanExecutor(rank == 0 ? plan : other, backend, collective).Run(region);
+                    using var executor = new PlanExecutor(rank == 0 ? plan : other, backend, collective);
+                    executor.Run(region);
                 }
                 finally
                 {

@@ -40,7 +40,8 @@ internal static class PlanPeer
         backend.Upload(start, region);
         try
         {
-            new PlanExecutor(plan, backend, collective).Run(region);
+            using var executor = new PlanExecutor(plan, backend, collective);
+            executor.Run(region);
         }
         catch (Exception e) when (e is CollectiveException or InvalidDataException)
         {

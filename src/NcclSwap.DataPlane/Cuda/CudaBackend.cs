@@ -322,7 +322,8 @@ internal sealed class NcclCollective : ICollective
     {
         string waitingOn = peer is int p ? $" (waiting on rank {_names[p]})" : "";
         var clock = System.Diagnostics.Stopwatch.StartNew();
-        for (int polls = 0; !done.IsComplete; polls++)
+        var spinner = new SpinWait();
+        while (!done.IsComplete)
         {
             NcclResult state = _comm.GetAsyncError();
             if (state is not NcclResult.Success and not NcclResult.InProgress)
@@ -336,8 +337,8 @@ internal sealed class NcclCollective : ICollective
                 throw new CollectiveException(
                     $"rank {_names[Rank]}: {what} did not finish within {_timeout.TotalSeconds:0.#} s{waitingOn}; the communicator was aborted", peer is int q ? _names[q] : null);
             }
-            if (polls < 2000)
-                Thread.SpinWait(64);
+            if (clock.ElapsedTicks < System.Diagnostics.Stopwatch.Frequency / 200)
+                spinner.SpinOnce(sleep1Threshold: -1); // the first 5 ms: a bucket in flight ends within about one
             else
                 Thread.Sleep(1);
         }

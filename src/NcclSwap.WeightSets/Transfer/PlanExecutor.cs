@@ -14,7 +14,11 @@ namespace NcclSwap.WeightSets;
 /// keeps it, with <see cref="Tensors"/>, to skip what did not change next time).
 /// </summary>
 public sealed record TransferReport(int Rank, int Buckets, int Skipped, int Resent, long Bytes,
-    IReadOnlyDictionary<(int Transfer, int Bucket), Digest> Digests, IReadOnlyDictionary<string, Digest>? Tensors = null);
+    IReadOnlyDictionary<(int Transfer, int Bucket), Digest> Digests, IReadOnlyDictionary<string, Digest>? Tensors = null)
+{
+    /// <summary>Milliseconds by phase: exchange (plans, what destinations hold), decide (what moves), transfer, verify.</summary>
+    public IReadOnlyDictionary<string, double> Phases { get; init; } = new Dictionary<string, double>();
+}
 
 /// <summary>Which rank of the collective plays each source and each destination of a plan; a rank may be one source and one destination at once.</summary>
 public sealed record PlanRanks(IReadOnlyList<int> Sources, IReadOnlyList<int> Destinations)
@@ -48,14 +52,16 @@ public sealed record PlanRanks(IReadOnlyList<int> Sources, IReadOnlyList<int> De
 /// </para>
 /// <para>
 /// Then the transfers run in plan order (so no cycle of waits can form), each bucket by bucket through two staging
-/// buffers per rank: a source packs bucket i+1 while bucket i is on the wire, a destination unpacks bucket i into its
-/// region while bucket i+1 arrives. A bucket several destinations need is one broadcast on a collective of those ranks
+/// buffers per rank: a source packs and digests bucket i+1 while bucket i is on the wire, a destination unpacks bucket
+/// i into its region, with the copy that digests what it reads (<see cref="IBackend.CopyAndDigest"/>), while bucket
+/// i+1 arrives. A bucket several destinations need is one broadcast on a collective of those ranks
 /// (<see cref="ICollective.Subset"/>, made once and kept), one destination's a send and receive (to itself, in a
-/// group, when source and destination share a rank). Every wait has the collective's deadline.
+/// group, when source and destination share a rank). Every wait has the collective's deadline. Layouts, copies and
+/// staging are made on the first run and kept: the plan is computed once per layout and reused every version.
 /// </para>
 /// <para>
 /// After all the transfers a third all-gather compares the digest of each bucket as packed with the digest of what
-/// each destination now holds; a bucket that differs anywhere is sent again alone, at most <see cref="Resends"/>
+/// each destination read from it; a bucket that differs anywhere is sent again alone, at most <see cref="Resends"/>
 /// times, then the run fails naming the bucket and the destination on every rank. A destination writes into its
 /// region as buckets arrive, so a failed run leaves it partly written: give it a staging copy, not what an engine
 /// serves. Failures of the collective (a dead or stalled peer) end the run with its <see cref="CollectiveException"/>.
@@ -70,6 +76,9 @@ public sealed class PlanExecutor : IDisposable
     private readonly ulong _fingerprint;
     private ICollective?[]? _links;
     private readonly List<ICollective> _owned = [];
+    private RegionLayout? _sourceLayout, _destinationLayout;
+    private BucketWork[][]? _work;
+    private Pipeline? _pipe;
 
     public PlanExecutor(TransferPlan plan, IBackend backend, ICollective collective, PlanRanks? ranks = null)
     {
@@ -134,11 +143,29 @@ public sealed class PlanExecutor : IDisposable
     public TransferReport Run(IDeviceBuffer? source, IDeviceBuffer? destination, TransferReport? previous = null)
     {
         int mySource = SourceOf(Me), myDestination = DestinationOf(Me);
-        RegionLayout? sourceLayout = mySource >= 0 ? Plan.SourceLayout() : null;
-        RegionLayout? destinationLayout = myDestination >= 0 ? Plan.DestinationLayout(myDestination) : null;
+        if (_work is null)
+        {
+            // Once per plan: the layouts, and every bucket's copies and digest ranges for this rank's roles.
+            _sourceLayout = mySource >= 0 ? Plan.SourceLayout() : null;
+            _destinationLayout = myDestination >= 0 ? Plan.DestinationLayout(myDestination) : null;
+            _work = Plan.Transfers.Select(t => Enumerable.Range(0, t.Buckets.Buckets.Count).Select(b => new BucketWork(
+                t.Buckets.Buckets[b].Bytes,
+                TransferPlan.Pieces(t, b),
+                t.Source == mySource ? TransferPlan.Gaps(t, b) : [],
+                t.Source == mySource ? TransferPlan.PackCopies(t, b, _sourceLayout!) : [],
+                myDestination >= 0 && t.Destinations.Contains(myDestination) ? TransferPlan.UnpackRuns(t, b, _destinationLayout!) : [])).ToArray()).ToArray();
+        }
+        RegionLayout? sourceLayout = _sourceLayout, destinationLayout = _destinationLayout;
         CheckRegion(source, sourceLayout, "source");
         CheckRegion(destination, destinationLayout, "destination");
         _links ??= MakeLinks();
+        var phases = new Dictionary<string, double>();
+        var phase = System.Diagnostics.Stopwatch.StartNew();
+        void Lap(string name)
+        {
+            phases[name] = phases.GetValueOrDefault(name) + phase.Elapsed.TotalMilliseconds;
+            phase.Restart();
+        }
 
         // Which plan each rank runs (a fixed size, so that ranks with other plans meet here), then what each destination holds now.
         ulong[][] plans = AllGather([_fingerprint]);
@@ -150,6 +177,7 @@ public sealed class PlanExecutor : IDisposable
             foreach (var (t, b, digest) in RegionDigests(destination, destinationLayout!, MyBuckets(myDestination, asSource: false)))
                 mine[1 + _bucketBase[t] + b] = digest.Value;
         ulong[][] held = AllGather(mine);
+        Lap("exchange");
 
         // Which buckets move: a source decides for its transfers, everyone learns it.
         Dictionary<string, Digest>? tensors = source is null || !SkipUnchanged ? null : TensorDigests(source, sourceLayout!, mySource);
@@ -175,14 +203,16 @@ public sealed class PlanExecutor : IDisposable
                     work.Add((t, b));
         if (destination is not null && source is null)
             skipped = MyBuckets(myDestination, asSource: false).Count() - work.Count(w => Plan.Transfers[w.Transfer].Destinations.Contains(myDestination));
+        Lap("decide");
 
         long largest = Plan.Transfers.SelectMany(t => t.Buckets.Buckets).Select(b => b.Bytes).DefaultIfEmpty(1).Max();
-        using var pipe = new Pipeline(_backend, Math.Max(largest, 1), source is not null, destination is not null);
+        Pipeline pipe = _pipe ??= new Pipeline(_backend, Math.Max(largest, 1), mySource >= 0, myDestination >= 0);
         int buckets = 0, resent = 0;
         long bytes = 0;
         for (int pass = 0; ; pass++)
         {
             var packed = new ulong[_bucketCount];
+            var arrived = new ulong[_bucketCount];
             for (int t = 0; t < Plan.Transfers.Count; t++)
             {
                 Transfer transfer = Plan.Transfers[t];
@@ -190,7 +220,7 @@ public sealed class PlanExecutor : IDisposable
                 List<int> these = work.Where(w => w.Transfer == t).Select(w => w.Bucket).ToList();
                 if ((!sends && !receives) || these.Count == 0)
                     continue;
-                long moved = RunTransfer(t, these, pipe, sends ? source : null, sourceLayout, receives ? destination : null, destinationLayout, packed);
+                long moved = RunTransfer(t, these, pipe, sends ? source : null, receives ? destination : null, packed, arrived);
                 int count = sends ? these.Count * transfer.Destinations.Count : these.Count;
                 buckets += count;
                 bytes += sends ? moved * transfer.Destinations.Count : moved;
@@ -199,15 +229,14 @@ public sealed class PlanExecutor : IDisposable
                 TransferDone?.Invoke(t, count, moved);
             }
 
-            // Compare what was packed with what each destination holds now.
+            Lap("transfer");
+
+            // Compare what was packed with what each destination read as it unpacked.
             var check = new ulong[2 * _bucketCount];
-            foreach ((int t, int b) in work)
-                if (Plan.Transfers[t].Source == mySource)
-                    check[_bucketBase[t] + b] = packed[_bucketBase[t] + b];
-            if (destination is not null)
-                foreach (var (t, b, digest) in RegionDigests(destination, destinationLayout!, work.Where(w => Plan.Transfers[w.Transfer].Destinations.Contains(myDestination))))
-                    check[_bucketCount + _bucketBase[t] + b] = digest.Value;
+            packed.CopyTo(check, 0);
+            arrived.CopyTo(check, _bucketCount);
             ulong[][] checks = AllGather(check);
+            Lap("verify");
             var bad = new List<(int Transfer, int Bucket, int Destination)>();
             foreach ((int t, int b) in work)
             {
@@ -230,17 +259,18 @@ public sealed class PlanExecutor : IDisposable
             }
             work = bad.Select(x => (x.Transfer, x.Bucket)).Distinct().ToList();
         }
-        return new TransferReport(Me, buckets, skipped, resent, bytes, digests, tensors);
+        return new TransferReport(Me, buckets, skipped, resent, bytes, digests, tensors) { Phases = phases };
     }
 
     /// <summary>
     /// The buckets of transfer <paramref name="t"/> in <paramref name="buckets"/>, through the pipeline; returns the
-    /// bytes moved (once). A source records each bucket's digest as packed in <paramref name="packed"/>.
+    /// bytes moved (once). A source records each bucket's digest as packed in <paramref name="packed"/>, a destination
+    /// the digest of what it read as it unpacked in <paramref name="arrived"/>.
     /// </summary>
-    private long RunTransfer(int t, List<int> buckets, Pipeline pipe, IDeviceBuffer? source, RegionLayout? sourceLayout,
-        IDeviceBuffer? destination, RegionLayout? destinationLayout, ulong[] packed)
+    private long RunTransfer(int t, List<int> buckets, Pipeline pipe, IDeviceBuffer? source, IDeviceBuffer? destination, ulong[] packed, ulong[] arrived)
     {
         Transfer transfer = Plan.Transfers[t];
+        BucketWork[] work = _work![t];
         ICollective link = _links![t] ?? throw new InvalidOperationException($"rank {Me} has no link for transfer {t}");
         bool broadcast = transfer.IsBroadcast, sends = source is not null, receives = destination is not null;
         int sourceRank = Ranks.Sources[transfer.Source];
@@ -248,48 +278,43 @@ public sealed class PlanExecutor : IDisposable
         int? waitOn = broadcast ? (sends ? null : 0) : sends ? Ranks.Destinations[transfer.Destinations[0]] : sourceRank;
         long moved = 0;
 
+        // A destination unpacks a bucket once it has arrived, with the copy that digests what it reads.
         void Finish(int i)
         {
-            int slot = i % 2;
-            int b = buckets[i];
+            int slot = i % 2, b = buckets[i];
             link.Wait(pipe.Moved[slot], waitOn, $"bucket {b} of transfer {t}");
-            IDeviceBuffer arrived = broadcast && sends ? pipe.Out[slot]! : pipe.In[slot]!;
-            pipe.Unpack.CopyAsync(destination!, arrived, TransferPlan.UnpackRuns(transfer, b, destinationLayout!));
-            pipe.Unpack.Record(pipe.Unpacked[slot]);
+            IDeviceBuffer bucket = broadcast && sends ? pipe.Out[slot]! : pipe.In[slot]!;
+            arrived[_bucketBase[t] + b] = Fold(_backend.CopyAndDigest(destination!, bucket, work[b].Unpack)).Value;
         }
 
         for (int i = 0; i < buckets.Count; i++)
         {
             int slot = i % 2, b = buckets[i];
-            long length = transfer.Buckets.Buckets[b].Bytes;
             if (i >= 2)
-            {
                 link.Wait(pipe.Moved[slot], waitOn, $"bucket {buckets[i - 2]} of transfer {t}");
-                pipe.Unpacked[slot].Synchronize();
-            }
             if (sends)
             {
                 IDeviceBuffer bucket = pipe.Out[slot]!;
-                foreach ((long offset, long gap) in TransferPlan.Gaps(transfer, b))
+                foreach ((long offset, long gap) in work[b].Gaps)
                     pipe.Pack.FillAsync(bucket, offset, gap, 0);
-                pipe.Pack.CopyAsync(bucket, source!, TransferPlan.PackCopies(transfer, b, sourceLayout!));
+                pipe.Pack.CopyAsync(bucket, source!, work[b].Pack);
                 pipe.Pack.Synchronize();
-                packed[_bucketBase[t] + b] = Fold(_backend.Digests(bucket, TransferPlan.Pieces(transfer, b))).Value;
+                packed[_bucketBase[t] + b] = Fold(_backend.Digests(bucket, work[b].Pieces)).Value;
             }
             using (link.Group())
             {
                 if (broadcast)
-                    link.Broadcast(sends ? pipe.Out[slot]! : pipe.In[slot]!, 0, length, 0, pipe.Wire);
+                    link.Broadcast(sends ? pipe.Out[slot]! : pipe.In[slot]!, 0, work[b].Bytes, 0, pipe.Wire);
                 else
                 {
                     if (sends)
-                        link.Send(pipe.Out[slot]!, 0, length, Ranks.Destinations[transfer.Destinations[0]], pipe.Wire);
+                        link.Send(pipe.Out[slot]!, 0, work[b].Bytes, Ranks.Destinations[transfer.Destinations[0]], pipe.Wire);
                     if (receives)
-                        link.Receive(pipe.In[slot]!, 0, length, sourceRank, pipe.Wire);
+                        link.Receive(pipe.In[slot]!, 0, work[b].Bytes, sourceRank, pipe.Wire);
                 }
             }
             pipe.Wire.Record(pipe.Moved[slot]);
-            moved += length;
+            moved += work[b].Bytes;
             if (receives && i > 0)
                 Finish(i - 1);
         }
@@ -297,7 +322,6 @@ public sealed class PlanExecutor : IDisposable
             Finish(buckets.Count - 1);
         for (int i = Math.Max(0, buckets.Count - 2); i < buckets.Count; i++)
             link.Wait(pipe.Moved[i % 2], waitOn, $"bucket {buckets[i]} of transfer {t}");
-        pipe.Unpack.Synchronize();
         return moved;
     }
 
@@ -336,7 +360,7 @@ public sealed class PlanExecutor : IDisposable
         var counts = new List<int>(which.Count);
         foreach ((int t, int b) in which)
         {
-            List<CopyRun> runs = TransferPlan.UnpackRuns(Plan.Transfers[t], b, layout);
+            List<CopyRun> runs = _work![t][b].Unpack;
             ranges.AddRange(runs.Select(r => (r.To, r.Bytes)));
             counts.Add(runs.Count);
         }
@@ -362,23 +386,50 @@ public sealed class PlanExecutor : IDisposable
     /// <summary>One digest for a bucket: XXH64 of its pieces' digests in order.</summary>
     private static Digest Fold(ReadOnlySpan<Digest> pieces) => new(XxHash64.HashToUInt64(MemoryMarshal.AsBytes(pieces)));
 
-    /// <summary>Every rank's <paramref name="mine"/>, by rank, through the collective's all-gather.</summary>
+    /// <summary>Every rank's <paramref name="mine"/>, by rank, through the collective's all-gather (buffers kept for the next run).</summary>
     private ulong[][] AllGather(ulong[] mine)
     {
         int size = _collective.Size;
         long bytes = (long)mine.Length * sizeof(ulong);
-        using IDeviceBuffer send = _backend.Allocate(Math.Max(bytes, 8));
-        using IDeviceBuffer all = _backend.Allocate(Math.Max(bytes * size, 8));
-        using ICopyStream stream = _backend.CreateStream();
-        using IDeviceEvent done = _backend.CreateEvent();
-        _backend.Upload(MemoryMarshal.AsBytes(mine.AsSpan()), send);
+        Exchange exchange = _exchange is { } kept && kept.Bytes >= bytes ? kept : Replace(new Exchange(_backend, Math.Max(bytes, 2L * (1 + _bucketCount) * sizeof(ulong)), size));
+        _backend.Upload(MemoryMarshal.AsBytes(mine.AsSpan()), exchange.Send);
         using (_collective.Group())
-            _collective.AllGather(send, 0, all, 0, bytes, stream);
-        stream.Record(done);
-        _collective.Wait(done, null, "the exchange of bucket digests");
+            _collective.AllGather(exchange.Send, 0, exchange.All, 0, bytes, exchange.Stream);
+        exchange.Stream.Record(exchange.Done);
+        _collective.Wait(exchange.Done, null, "the exchange of bucket digests");
         byte[] gathered = new byte[bytes * size];
-        _backend.Download(all, 0, gathered);
+        _backend.Download(exchange.All, 0, gathered);
         return Enumerable.Range(0, size).Select(r => MemoryMarshal.Cast<byte, ulong>(gathered.AsSpan((int)(r * bytes), (int)bytes)).ToArray()).ToArray();
+
+        Exchange Replace(Exchange made)
+        {
+            _exchange?.Dispose();
+            return _exchange = made;
+        }
+    }
+
+    private Exchange? _exchange;
+
+    /// <summary>Buffers, stream and event of the all-gathers: each rank's record, and every rank's.</summary>
+    private sealed class Exchange(IBackend backend, long bytes, int size) : IDisposable
+    {
+        public long Bytes { get; } = bytes;
+
+        public IDeviceBuffer Send { get; } = backend.Allocate(bytes);
+
+        public IDeviceBuffer All { get; } = backend.Allocate(bytes * size);
+
+        public ICopyStream Stream { get; } = backend.CreateStream();
+
+        public IDeviceEvent Done { get; } = backend.CreateEvent();
+
+        public void Dispose()
+        {
+            Send.Dispose();
+            All.Dispose();
+            Stream.Dispose();
+            Done.Dispose();
+        }
     }
 
     /// <summary>
@@ -423,12 +474,19 @@ public sealed class PlanExecutor : IDisposable
 
     public void Dispose()
     {
+        _pipe?.Dispose();
+        _pipe = null;
+        _exchange?.Dispose();
+        _exchange = null;
         foreach (ICollective link in _owned)
             link.Dispose();
         _owned.Clear();
     }
 
-    /// <summary>Two staging buckets each way, the streams that pack, move and unpack them, and the events between.</summary>
+    /// <summary>What this rank does with one bucket, worked out once per plan: its bytes, its pieces (what its digest covers), and the copies that fill and empty it.</summary>
+    private sealed record BucketWork(long Bytes, List<(long Offset, long Length)> Pieces, List<(long Offset, long Length)> Gaps, List<StridedCopy> Pack, List<CopyRun> Unpack);
+
+    /// <summary>Two staging buckets each way, the streams that pack and move them, and the events that say a bucket has moved.</summary>
     private sealed class Pipeline : IDisposable
     {
         private readonly List<IDisposable> _owned = [];
@@ -445,11 +503,9 @@ public sealed class PlanExecutor : IDisposable
                 Out[slot] = sends ? Own(backend.Allocate(bucketBytes)) : null;
                 In[slot] = receives ? Own(backend.Allocate(bucketBytes)) : null;
                 Moved[slot] = Own(backend.CreateEvent());
-                Unpacked[slot] = Own(backend.CreateEvent());
             }
             Pack = Own(backend.CreateStream());
             Wire = Own(backend.CreateStream());
-            Unpack = Own(backend.CreateStream());
         }
 
         public IDeviceBuffer?[] Out { get; } = new IDeviceBuffer?[2];
@@ -458,13 +514,9 @@ public sealed class PlanExecutor : IDisposable
 
         public IDeviceEvent[] Moved { get; } = new IDeviceEvent[2];
 
-        public IDeviceEvent[] Unpacked { get; } = new IDeviceEvent[2];
-
         public ICopyStream Pack { get; }
 
         public ICopyStream Wire { get; }
-
-        public ICopyStream Unpack { get; }
 
         public void Dispose()
         {

@@ -100,11 +100,12 @@ public sealed class TransferPlan
             parts.Add(part);
         }
 
+        var position = layout.Tensors.Select((t, i) => (t.Name, i)).ToDictionary(x => x.Name, x => x.i, StringComparer.Ordinal);
         var transfers = new List<Transfer>();
         foreach (var ((source, group), parts) in assigned.OrderBy(a => a.Key.Source).ThenBy(a => groups[a.Key.Destinations].Ranks[0]).ThenBy(a => a.Key.Destinations, StringComparer.Ordinal))
         {
             // Parts in layout order within a transfer, so that buckets follow the model.
-            var ordered = parts.OrderBy(p => p.Tensor, StringComparer.Ordinal).ThenBy(p => p.Part).ToList();
+            var ordered = parts.OrderBy(p => position[p.Tensor]).ThenBy(p => p.Part).ToList();
             BucketPlan buckets = BucketPlan.Create(ordered.Select(p => (p.Key, p.Bytes)), bucketBytes);
             transfers.Add(new Transfer(source, groups[group].Ranks, ordered, buckets));
         }
