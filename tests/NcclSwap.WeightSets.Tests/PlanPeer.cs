@@ -56,7 +56,7 @@ internal static class PlanPeer
     }
 
     /// <summary>Says on stdout how many buckets (receives of more than a control word) have arrived.</summary>
-    private sealed class Announcing(ICollective inner, bool slow) : ICollective
+    internal sealed class Announcing(ICollective inner, bool slow) : ICollective
     {
         private int _received;
 
@@ -76,7 +76,7 @@ internal static class PlanPeer
             inner.Receive(buffer, offset, length, peer, stream);
             if (length <= 8)
                 return;
-            Console.WriteLine($"received {++_received}");
+            Console.WriteLine($"received {Interlocked.Increment(ref _received)}");
             if (slow)
                 Thread.Sleep(200);
         }

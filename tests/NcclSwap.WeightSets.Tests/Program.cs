@@ -5,5 +5,6 @@ public static class Program
     public static int Main(string[] args) => Testing.PeerHost.Run(args, new Dictionary<string, Func<string[], int>>
     {
         [PlanPeer.Role] = PlanPeer.Run,
+        [GroupPeer.Role] = GroupPeer.Run,
     });
 }
