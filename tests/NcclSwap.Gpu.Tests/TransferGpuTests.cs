@@ -102,4 +102,31 @@ public class TransferGpuTests
         Assert.Equal(1, report3.Resent);
         Assert.Equal(holding + 1, report3.Buckets);
     }
+
+    [Fact]
+    public void A_one_member_swap_group_forms_over_nccl_from_its_configuration_and_moves_a_share()
+    {
+        Gpu.RequireNccl().Dispose();
+        int port;
+        using (var probe = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0))
+        {
+            probe.Start();
+            port = ((System.Net.IPEndPoint)probe.LocalEndpoint).Port;
+        }
+        var config = new SwapGroupConfig("gpu-one", new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, port), [new SwapGroupMember("local", [0])], Deadline);
+        int seed = TestData.NewSeed();
+        TransferPlan plan = TransferPlan.Create(Layout, 1, 8, bucketBytes: 1 << 20).ForDestination(5);
+        byte[] model = TestData.Random((int)plan.SourceLayout().Length, seed);
+        byte[] start = TestData.Random((int)plan.DestinationLayout(0).Length, seed + 1);
+        byte[] expected;
+        using (var host = new HostBackend())
+        using (ICollective alone = host.JoinCollective(host.CreateCollectiveId(), 0, 1, Deadline))
+            expected = RunOne(host, alone, plan, model, start).Held;
+
+        using SwapGroup group = SwapGroup.Form(config, 0, device => new CudaBackend(device));
+        Assert.Equal("cuda", group.Ranks[0].Backend.Kind);
+        Assert.Contains("rank 0 (member 0 on local", group.Describe(0));
+        byte[][] held = group.RunOnEachRank(local => RunOne(local.Backend, local.Collective, plan, model, start).Held);
+        Assert.True(expected.AsSpan().SequenceEqual(held[0]), $"seed {seed}");
+    }
 }
