@@ -16,6 +16,9 @@ namespace NcclSwap.WeightSets;
 public sealed record TransferReport(int Rank, int Buckets, int Skipped, int Resent, long Bytes,
     IReadOnlyDictionary<(int Transfer, int Bucket), Digest> Digests, IReadOnlyDictionary<string, Digest>? Tensors = null)
 {
+    /// <summary>The version the sources sent (what source 0 passed to <see cref="PlanExecutor.Run(IDeviceBuffer?, IDeviceBuffer?, TransferReport?, ulong)"/>).</summary>
+    public ulong Version { get; init; }
+
     /// <summary>Milliseconds by phase: exchange (plans, what destinations hold), decide (what moves), transfer, verify.</summary>
     public IReadOnlyDictionary<string, double> Phases { get; init; } = new Dictionary<string, double>();
 }
@@ -42,7 +45,7 @@ public sealed record PlanRanks(IReadOnlyList<int> Sources, IReadOnlyList<int> De
 }
 
 /// <summary>
-/// Runs a <see cref="TransferPlan"/> over a collective, every rank calling <see cref="Run(IDeviceBuffer?, IDeviceBuffer?, TransferReport?)"/>
+/// Runs a <see cref="TransferPlan"/> over a collective, every rank calling <see cref="Run(IDeviceBuffer?, IDeviceBuffer?, TransferReport?, ulong)"/>
 /// with the same plan and <see cref="PlanRanks"/>.
 /// <para>
 /// First the ranks exchange, in all-gathers, a fingerprint of the plan (a rank with another plan is named and
@@ -127,20 +130,21 @@ public sealed class PlanExecutor : IDisposable
     }
 
     /// <summary>For a rank that is a source or a destination (not both): <paramref name="region"/> is what it sends from or receives into.</summary>
-    public TransferReport Run(IDeviceBuffer region, TransferReport? previous = null)
+    public TransferReport Run(IDeviceBuffer region, TransferReport? previous = null, ulong version = 0)
     {
         bool source = SourceOf(Me) >= 0, destination = DestinationOf(Me) >= 0;
         if (source && destination)
             throw new ArgumentException($"rank {Me} is a source and a destination: pass both regions");
-        return Run(source ? region : null, destination ? region : null, previous);
+        return Run(source ? region : null, destination ? region : null, previous, version);
     }
 
     /// <summary>
     /// One run. <paramref name="source"/> is this rank's region as a source (laid out as <see cref="TransferPlan.SourceLayout"/>,
     /// unchanged until the run ends), <paramref name="destination"/> its region as a destination (<see cref="TransferPlan.DestinationLayout"/>);
     /// null for a role the rank does not play. <paramref name="previous"/> is this rank's report of its last good run.
+    /// Sources pass the <paramref name="version"/> they send (all the same one); every rank's report carries it.
     /// </summary>
-    public TransferReport Run(IDeviceBuffer? source, IDeviceBuffer? destination, TransferReport? previous = null)
+    public TransferReport Run(IDeviceBuffer? source, IDeviceBuffer? destination, TransferReport? previous = null, ulong version = 0)
     {
         int mySource = SourceOf(Me), myDestination = DestinationOf(Me);
         if (_work is null)
@@ -168,10 +172,14 @@ public sealed class PlanExecutor : IDisposable
         }
 
         // Which plan each rank runs (a fixed size, so that ranks with other plans meet here), then what each destination holds now.
-        ulong[][] plans = AllGather([_fingerprint]);
+        ulong[][] plans = AllGather([_fingerprint, mySource >= 0 ? version : 0]);
         for (int rank = 0; rank < plans.Length; rank++)
             if (plans[rank][0] != _fingerprint)
                 throw new InvalidOperationException($"rank {rank} runs another transfer plan or rank assignment than rank {Me} (fingerprint {plans[rank][0]:x16}, here {_fingerprint:x16})");
+        ulong sentVersion = plans[Ranks.Sources[0]][1];
+        foreach (int rank in Ranks.Sources)
+            if (plans[rank][1] != sentVersion)
+                throw new InvalidOperationException($"the sources send different versions: rank {Ranks.Sources[0]} version {sentVersion}, rank {rank} version {plans[rank][1]}");
         var mine = new ulong[1 + _bucketCount];
         if (destination is not null && SkipUnchanged)
             foreach (var (t, b, digest) in RegionDigests(destination, destinationLayout!, MyBuckets(myDestination, asSource: false)))
@@ -259,7 +267,7 @@ public sealed class PlanExecutor : IDisposable
             }
             work = bad.Select(x => (x.Transfer, x.Bucket)).Distinct().ToList();
         }
-        return new TransferReport(Me, buckets, skipped, resent, bytes, digests, tensors) { Phases = phases };
+        return new TransferReport(Me, buckets, skipped, resent, bytes, digests, tensors) { Phases = phases, Version = sentVersion };
     }
 
     /// <summary>
