@@ -3,6 +3,7 @@ using NcclSwap.Agent.Demo;
 using NcclSwap.Agent.Doctor;
 using NcclSwap.Agent.Inspect;
 using NcclSwap.Agent.Plan;
+using NcclSwap.Agent.Transfer;
 using NcclSwap.Agent.Serve;
 
 namespace NcclSwap.Agent;
@@ -20,6 +21,7 @@ public static class Program
         root.Subcommands.Add(ServeCommand.Create(error));
         root.Subcommands.Add(DemoCommand.Create(output, error));
         root.Subcommands.Add(PlanCommand.Create(output, error));
+        root.Subcommands.Add(TransferCommand.Create(output, error));
         root.Subcommands.Add(DemoPeers.Create(output));
         return root;
     }

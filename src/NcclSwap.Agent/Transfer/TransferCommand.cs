@@ -1,0 +1,182 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using NcclSwap.ControlPlane;
+using NcclSwap.DataPlane;
+using NcclSwap.WeightSets;
+
+namespace NcclSwap.Agent.Transfer;
+
+/// <summary>
+/// <c>nccl-swap transfer --group FILE --member M --layout FILE --tp N [--sources S] [--versions K] [--agent SOCKET --weight-set NAME]</c>:
+/// this member's part of a swap group moving versions of a model by its transfer plan. Source ranks send synthetic
+/// versions 1..K of the layout's tensors; destination ranks receive their share and either publish it to the local
+/// agent (with <c>--agent</c>) or report a hash of what they hold. After a failed update the group forms again for the
+/// next one; the exit code is 3 when any update failed.
+/// </summary>
+internal static class TransferCommand
+{
+    public static Command Create(TextWriter output, TextWriter error)
+    {
+        var group = new Option<string>("--group") { Description = "The swap group's configuration (nccl-swap-group/1): root address, members and their devices.", Required = true };
+        var member = new Option<int>("--member") { Description = "Which member of the group this process is (0 runs the rendezvous).", Required = true };
+        var layout = new Option<string>("--layout") { Description = "The model's layout file (perf/layouts/*.json).", Required = true };
+        var tp = new Option<int>("--tp") { Description = "Destination ranks: the tensor-parallel degree of the engine they form.", Required = true };
+        var sources = new Option<int>("--sources") { Description = "Source ranks: the group's first S ranks.", DefaultValueFactory = _ => 1 };
+        var bucket = new Option<int>("--bucket-mib") { Description = "Bucket size in MiB.", DefaultValueFactory = _ => 256 };
+        var versions = new Option<int>("--versions") { Description = "Updates to run: versions 1..K.", DefaultValueFactory = _ => 1 };
+        var backend = new Option<string>("--backend") { Description = "auto (CUDA when a GPU is usable), cuda or host.", DefaultValueFactory = _ => "auto" };
+        var agent = new Option<string?>("--agent") { Description = "Destinations publish each version to the agent listening on this socket." };
+        var weightSet = new Option<string?>("--weight-set") { Description = "With --agent: the weight set the destinations publish." };
+        var command = new Command("transfer", "Run this member's ranks of a swap group: send or receive versions of a model by its transfer plan.")
+            { group, member, layout, tp, sources, bucket, versions, backend, agent, weightSet };
+        command.SetAction(result => Run(new Arguments(result.GetValue(group)!, result.GetValue(member), result.GetValue(layout)!, result.GetValue(tp),
+            result.GetValue(sources), result.GetValue(bucket), result.GetValue(versions), result.GetValue(backend)!, result.GetValue(agent), result.GetValue(weightSet)), output, error));
+        return command;
+    }
+
+    internal sealed record Arguments(string Group, int Member, string Layout, int Tp, int Sources, int BucketMiB, int Versions, string Backend, string? Agent, string? WeightSet);
+
+    internal static int Run(Arguments args, TextWriter output, TextWriter error)
+    {
+        if (args.Tp < 1 || args.Sources < 1 || args.BucketMiB < 1 || args.Versions < 1)
+        {
+            error.WriteLine($"nccl-swap transfer: --tp ({args.Tp}), --sources ({args.Sources}), --bucket-mib ({args.BucketMiB}) and --versions ({args.Versions}) must be at least 1");
+            return 2;
+        }
+        if ((args.Agent is null) != (args.WeightSet is null))
+        {
+            error.WriteLine("nccl-swap transfer: --agent and --weight-set go together");
+            return 2;
+        }
+        SwapGroupConfig config;
+        TransferPlan plan;
+        try
+        {
+            config = SwapGroupConfig.Load(args.Group);
+            plan = TransferPlan.Create(ModelLayout.Load(args.Layout), args.Sources, args.Tp, args.BucketMiB * (1L << 20));
+        }
+        catch (Exception e) when (e is FormatException or LayoutException or IOException)
+        {
+            error.WriteLine($"nccl-swap transfer: {e.Message}");
+            return 1;
+        }
+        if (config.Size != args.Sources + args.Tp)
+        {
+            error.WriteLine($"nccl-swap transfer: the group '{config.Name}' has {config.Size} ranks; {args.Sources} source(s) and TP{args.Tp} need {args.Sources + args.Tp}");
+            return 2;
+        }
+        if ((uint)args.Member >= (uint)config.Members.Count)
+        {
+            error.WriteLine($"nccl-swap transfer: the group '{config.Name}' has members 0..{config.Members.Count - 1}, not {args.Member}");
+            return 2;
+        }
+
+        var ranks = PlanRanks.Separate(plan);
+        int failed = 0;
+        SwapGroup? group = null;
+        var reports = new Dictionary<int, TransferReport>();
+        try
+        {
+            for (ulong version = 1; version <= (ulong)args.Versions; version++)
+            {
+                try
+                {
+                    if (group is null || group.IsBroken)
+                    {
+                        group?.Dispose();
+                        group = null;
+                        group = SwapGroup.Form(config, args.Member, device => Backend.Create(args.Backend, device));
+                        output.WriteLine($"nccl-swap transfer: member {args.Member} of '{config.Name}' joined with rank(s) {string.Join(", ", group.Ranks.Select(r => r.Rank))} ({group.Ranks[0].Backend.Description})");
+                    }
+                    ulong v = version;
+                    TransferReport[] done = group.RunOnEachRank(local => RunRank(local, plan, ranks, args, v, reports.GetValueOrDefault(local.Rank), output));
+                    foreach (TransferReport report in done)
+                        reports[report.Rank] = report;
+                }
+                catch (Exception e) when (e is CollectiveException or InvalidDataException or InvalidOperationException)
+                {
+                    failed++;
+                    error.WriteLine($"nccl-swap transfer: version {version} failed: {e.Message}");
+                    reports.Clear(); // what destinations hold is not known now: nothing is skipped next time on a source's word
+                    group?.Abort("the update failed");
+                }
+            }
+        }
+        finally
+        {
+            group?.Dispose();
+        }
+        return failed == 0 ? 0 : 3;
+    }
+
+    /// <summary>One rank's part of one update; prints a line with what it moved.</summary>
+    private static TransferReport RunRank(SwapGroup.LocalRank local, TransferPlan plan, PlanRanks ranks, Arguments args, ulong version, TransferReport? previous, TextWriter output)
+    {
+        var clock = Stopwatch.StartNew();
+        int source = ranks.Sources.ToList().IndexOf(local.Rank), destination = ranks.Destinations.ToList().IndexOf(local.Rank);
+        TransferReport report;
+        string detail;
+        if (source >= 0)
+        {
+            RegionLayout layout = plan.SourceLayout();
+            using IDeviceBuffer region = local.Backend.Allocate(layout.Length);
+            Fill(local.Backend, region, layout, version);
+            clock.Restart();
+            using var executor = new PlanExecutor(plan, local.Backend, local.Collective, ranks);
+            report = executor.Run(region, previous, version);
+            detail = $"source {source}: sent";
+        }
+        else if (args.Agent is not null)
+        {
+            using var receiver = ReceivingPublisher.Connect(args.Agent, args.WeightSet!, plan, ranks, destination, local.Backend, local.Collective);
+            report = receiver.Receive();
+            detail = $"destination {destination}: published to {args.Agent} ({receiver.LastPublish}), received";
+        }
+        else
+        {
+            RegionLayout layout = plan.DestinationLayout(destination);
+            using IDeviceBuffer region = local.Backend.Allocate(layout.Length);
+            using var executor = new PlanExecutor(plan, local.Backend, local.Collective, ranks);
+            report = executor.Run(region);
+            detail = $"destination {destination}: holds hash {Hash(local.Backend, region, layout):x16}, received";
+        }
+        double seconds = clock.Elapsed.TotalSeconds;
+        lock (output)
+            output.WriteLine($"version {report.Version}: rank {local.Rank} {detail} {report.Bytes / 1e9:0.000} GB in {report.Buckets} bucket(s), " +
+                $"{report.Skipped} skipped, {report.Resent} re-sent, {seconds * 1e3:0.0} ms ({report.Bytes / Math.Max(seconds, 1e-9) / 1e9:0.0} GB/s)");
+        return report;
+    }
+
+    /// <summary>Version <paramref name="version"/> of every tensor (<see cref="SyntheticModel.Fill(ulong, RegionLayout, nint)"/>), made in host memory and uploaded.</summary>
+    private static unsafe void Fill(IBackend backend, IDeviceBuffer region, RegionLayout layout, ulong version)
+    {
+        nint host = (nint)NativeMemory.AllocZeroed((nuint)layout.Length);
+        try
+        {
+            SyntheticModel.Fill(version, layout, host);
+            for (long at = 0; at < layout.Length; at += 1L << 30)
+                backend.Upload(new ReadOnlySpan<byte>((byte*)host + at, (int)Math.Min(1L << 30, layout.Length - at)), region, at);
+        }
+        finally
+        {
+            NativeMemory.Free((void*)host);
+        }
+    }
+
+    /// <summary><see cref="SyntheticModel.Hash"/> of what a destination holds.</summary>
+    internal static unsafe ulong Hash(IBackend backend, IDeviceBuffer region, RegionLayout layout)
+    {
+        nint host = (nint)NativeMemory.Alloc((nuint)Math.Max(layout.Length, 1));
+        try
+        {
+            for (long at = 0; at < layout.Length; at += 1L << 30)
+                backend.Download(region, at, new Span<byte>((byte*)host + at, (int)Math.Min(1L << 30, layout.Length - at)));
+            return SyntheticModel.Hash(layout, host);
+        }
+        finally
+        {
+            NativeMemory.Free((void*)host);
+        }
+    }
+}
