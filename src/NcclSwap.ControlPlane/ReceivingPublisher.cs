@@ -47,7 +47,8 @@ public sealed class ReceivingPublisher : IDisposable
         try
         {
             region = backend.MapHost(publisher.Tensors.Pointer, publisher.Tensors.Length, readOnly: false, $"{weightSet} as destination {destination}");
-            return new ReceivingPublisher(publisher, region, new PlanExecutor(plan, backend, collective, ranks), destination);
+            // The region is host memory: buckets arrive in device staging and are copied out (not received in place).
+            return new ReceivingPublisher(publisher, region, new PlanExecutor(plan, backend, collective, ranks) { InPlace = false }, destination);
         }
         catch
         {

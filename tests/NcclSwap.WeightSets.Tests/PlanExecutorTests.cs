@@ -143,7 +143,7 @@ public class PlanExecutorTests
     }
 
     /// <summary>Runs a plan whose source 0 shares rank 0 with destination 0: rank r holds destination r.</summary>
-    private static (byte[][] Held, TransferReport[] Reports) RunShared(TransferPlan plan, byte[] model, byte[][] held, TransferReport[]? previous, bool skip = true)
+    private static (byte[][] Held, TransferReport[] Reports) RunShared(TransferPlan plan, byte[] model, byte[][] held, TransferReport[]? previous, bool skip = true, bool inPlace = true)
     {
         int size = plan.Destinations;
         var ranks = new PlanRanks([0], Enumerable.Range(0, size).ToArray());
@@ -161,7 +161,7 @@ public class PlanExecutorTests
                 if (source is not null)
                     backend.Upload(model, source);
                 backend.Upload(held[rank], destination);
-                using var executor = new PlanExecutor(plan, backend, collective, ranks) { SkipUnchanged = skip };
+                using var executor = new PlanExecutor(plan, backend, collective, ranks) { SkipUnchanged = skip, InPlace = inPlace };
                 reports[rank] = executor.Run(source, destination, previous?[rank]);
                 backend.Download(destination, 0, held[rank] = new byte[held[rank].Length]);
             }
@@ -218,6 +218,33 @@ public class PlanExecutorTests
             Assert.True(TransferPlanTests.Expected(t, model.AsSpan((int)source[t.Name].Offset, (int)t.Bytes).ToArray(), 2, 4)
                 .AsSpan().SequenceEqual(held[0].AsSpan((int)layout[t.Name].Offset, (int)layout[t.Name].Bytes)), $"{t.Name} (seed {seed})");
         Assert.Equal(whole.ReceivedBytes()[2], reports[0].Bytes);
+    }
+
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    [InlineData(4)]
+    public void Buckets_sent_and_received_in_place_land_exactly_as_staged_ones(int destinations)
+    {
+        // Whole tensors that lie in a region as they lie in the bucket go from and to the regions themselves; cut ones
+        // go through staging. Both ways give every destination exactly its parts.
+        int seed = TestData.NewSeed();
+        TransferPlan plan = TransferPlan.Create(new ModelLayout("mixed", TransferPlanTests.MixedTensors), 1, destinations, bucketBytes: 1024);
+        byte[] model = TestData.Random((int)plan.SourceLayout().Length, seed);
+        byte[][] start = Enumerable.Range(0, destinations).Select(d => TestData.Random((int)plan.DestinationLayout(d).Length, seed + 1 + d)).ToArray();
+        var (inPlace, placed) = RunShared(plan, model, start.Select(b => (byte[])b.Clone()).ToArray(), null, inPlace: true);
+        var (staged, copied) = RunShared(plan, model, start.Select(b => (byte[])b.Clone()).ToArray(), null, inPlace: false);
+        AssertHolds(plan, model, new Outcome([model, .. inPlace], [], []), seed);
+        AssertHolds(plan, model, new Outcome([model, .. staged], [], []), seed);
+        Assert.All(copied, r => Assert.Equal(0, r.InPlace));
+        Assert.All(placed, r => Assert.True(r.InPlace > 0, $"rank {r.Rank}: nothing in place"));
+        // Rank 0 sends every bucket and receives destination 0's: with one destination every tensor is whole, so all of
+        // them go in place both ways; with several, the cut ones are packed through staging.
+        int sent = plan.Transfers.Sum(t => t.Buckets.Buckets.Count), received = plan.Transfers.Where(t => t.Destinations.Contains(0)).Sum(t => t.Buckets.Buckets.Count);
+        if (destinations == 1)
+            Assert.Equal(sent + received, placed[0].InPlace);
+        else
+            Assert.True(placed[0].InPlace < sent + received, "every bucket in place: the staged path was not taken");
     }
 
     [Fact]

@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Buffers.Binary;
 using System.IO.Hashing;
 using System.Runtime.InteropServices;
@@ -18,6 +19,9 @@ public sealed record TransferReport(int Rank, int Buckets, int Skipped, int Rese
 {
     /// <summary>The version the sources sent (what source 0 passed to <see cref="PlanExecutor.Run(IDeviceBuffer?, IDeviceBuffer?, TransferReport?, ulong)"/>).</summary>
     public ulong Version { get; init; }
+
+    /// <summary>Buckets this rank sent from its source region or received into its destination region in place, with no staging copy.</summary>
+    public int InPlace { get; init; }
 
     /// <summary>Milliseconds by phase: exchange (plans, what destinations hold), decide (what moves), transfer, verify.</summary>
     public IReadOnlyDictionary<string, double> Phases { get; init; } = new Dictionary<string, double>();
@@ -82,6 +86,7 @@ public sealed class PlanExecutor : IDisposable
     private RegionLayout? _sourceLayout, _destinationLayout;
     private BucketWork[][]? _work;
     private Pipeline? _pipe;
+    private int _inPlace;
 
     public PlanExecutor(TransferPlan plan, IBackend backend, ICollective collective, PlanRanks? ranks = null)
     {
@@ -107,6 +112,13 @@ public sealed class PlanExecutor : IDisposable
     /// fine-tuning) it finds nothing, and turning it off saves those reads.
     /// </summary>
     public bool SkipUnchanged { get; init; } = true;
+
+    /// <summary>
+    /// Whether a bucket whose pieces lie in a region exactly as in the bucket (a run of whole tensors packed alike) is
+    /// sent from the source's region, or received into the destination's, with no staging copy (on by default). Turn
+    /// it off for regions in host memory, which should reach the wire through device staging.
+    /// </summary>
+    public bool InPlace { get; init; } = true;
 
     public TransferPlan Plan { get; }
 
@@ -152,12 +164,9 @@ public sealed class PlanExecutor : IDisposable
             // Once per plan: the layouts, and every bucket's copies and digest ranges for this rank's roles.
             _sourceLayout = mySource >= 0 ? Plan.SourceLayout() : null;
             _destinationLayout = myDestination >= 0 ? Plan.DestinationLayout(myDestination) : null;
-            _work = Plan.Transfers.Select(t => Enumerable.Range(0, t.Buckets.Buckets.Count).Select(b => new BucketWork(
-                t.Buckets.Buckets[b].Bytes,
-                TransferPlan.Pieces(t, b),
-                t.Source == mySource ? TransferPlan.Gaps(t, b) : [],
-                t.Source == mySource ? TransferPlan.PackCopies(t, b, _sourceLayout!) : [],
-                myDestination >= 0 && t.Destinations.Contains(myDestination) ? TransferPlan.UnpackRuns(t, b, _destinationLayout!) : [])).ToArray()).ToArray();
+            _work = Plan.Transfers.Select(t => Enumerable.Range(0, t.Buckets.Buckets.Count).Select(b => BucketWork.Make(t, b,
+                t.Source == mySource ? _sourceLayout : null,
+                myDestination >= 0 && t.Destinations.Contains(myDestination) ? _destinationLayout : null, InPlace)).ToArray()).ToArray();
         }
         RegionLayout? sourceLayout = _sourceLayout, destinationLayout = _destinationLayout;
         CheckRegion(source, sourceLayout, "source");
@@ -217,6 +226,7 @@ public sealed class PlanExecutor : IDisposable
         Pipeline pipe = _pipe ??= new Pipeline(_backend, Math.Max(largest, 1), mySource >= 0, myDestination >= 0);
         int buckets = 0, resent = 0;
         long bytes = 0;
+        _inPlace = 0;
         for (int pass = 0; ; pass++)
         {
             var packed = new ulong[_bucketCount];
@@ -267,7 +277,7 @@ public sealed class PlanExecutor : IDisposable
             }
             work = bad.Select(x => (x.Transfer, x.Bucket)).Distinct().ToList();
         }
-        return new TransferReport(Me, buckets, skipped, resent, bytes, digests, tensors) { Phases = phases, Version = sentVersion };
+        return new TransferReport(Me, buckets, skipped, resent, bytes, digests, tensors) { Phases = phases, Version = sentVersion, InPlace = _inPlace };
     }
 
     /// <summary>
@@ -286,43 +296,74 @@ public sealed class PlanExecutor : IDisposable
         int? waitOn = broadcast ? (sends ? null : 0) : sends ? Ranks.Destinations[transfer.Destinations[0]] : sourceRank;
         long moved = 0;
 
-        // A destination unpacks a bucket once it has arrived, with the copy that digests what it reads.
+        // A destination unpacks a bucket once it has arrived, with the copy that digests what it reads; one received in
+        // place is only digested where it lies.
         void Finish(int i)
         {
             int slot = i % 2, b = buckets[i];
+            BucketWork w = work[b];
             link.Wait(pipe.Moved[slot], waitOn, $"bucket {b} of transfer {t}");
-            IDeviceBuffer bucket = broadcast && sends ? pipe.Out[slot]! : pipe.In[slot]!;
-            arrived[_bucketBase[t] + b] = Fold(_backend.CopyAndDigest(destination!, bucket, work[b].Unpack)).Value;
+            Digest[] pieces;
+            if (broadcast && sends) // the root of a broadcast it also receives: its copy comes from what it sent
+                pieces = w.SourceAt is long from
+                    ? _backend.CopyAndDigest(destination!, source!, w.Unpack.Select(r => r with { From = from + r.From - w.SpanStart }).ToList())
+                    : _backend.CopyAndDigest(destination!, pipe.Out[slot]!, w.Unpack);
+            else if (w.DestinationAt is long at)
+                pieces = _backend.Digests(destination!, w.Pieces.Select(p => (at + p.Offset - w.SpanStart, p.Length)).ToList());
+            else
+                pieces = _backend.CopyAndDigest(destination!, pipe.In[slot]!, w.Unpack);
+            arrived[_bucketBase[t] + b] = Fold(pieces).Value;
         }
 
         for (int i = 0; i < buckets.Count; i++)
         {
             int slot = i % 2, b = buckets[i];
+            BucketWork w = work[b];
             if (i >= 2)
                 link.Wait(pipe.Moved[slot], waitOn, $"bucket {buckets[i - 2]} of transfer {t}");
+            // Where this bucket's bytes leave from and arrive at: a region in place, or a staging bucket.
+            (IDeviceBuffer Buffer, long At) outgoing = default, incoming = default;
             if (sends)
             {
-                IDeviceBuffer bucket = pipe.Out[slot]!;
-                foreach ((long offset, long gap) in work[b].Gaps)
-                    pipe.Pack.FillAsync(bucket, offset, gap, 0);
-                pipe.Pack.CopyAsync(bucket, source!, work[b].Pack);
-                pipe.Pack.Synchronize();
-                packed[_bucketBase[t] + b] = Fold(_backend.Digests(bucket, work[b].Pieces)).Value;
+                if (w.SourceAt is long from)
+                {
+                    _inPlace++;
+                    outgoing = (source!, from);
+                    packed[_bucketBase[t] + b] = Fold(_backend.Digests(source!, w.Pieces.Select(p => (from + p.Offset - w.SpanStart, p.Length)).ToList())).Value;
+                }
+                else
+                {
+                    IDeviceBuffer bucket = pipe.Out[slot]!;
+                    foreach ((long offset, long gap) in w.Gaps)
+                        pipe.Pack.FillAsync(bucket, offset, gap, 0);
+                    pipe.Pack.CopyAsync(bucket, source!, w.Pack);
+                    pipe.Pack.Synchronize();
+                    packed[_bucketBase[t] + b] = Fold(_backend.Digests(bucket, w.Pieces)).Value;
+                    outgoing = (bucket, w.SpanStart);
+                }
+            }
+            if (receives && !(broadcast && sends))
+            {
+                incoming = w.DestinationAt is long to ? (destination!, to) : (pipe.In[slot]!, w.SpanStart);
+                _inPlace += w.DestinationAt is null ? 0 : 1;
             }
             using (link.Group())
             {
                 if (broadcast)
-                    link.Broadcast(sends ? pipe.Out[slot]! : pipe.In[slot]!, 0, work[b].Bytes, 0, pipe.Wire);
+                {
+                    (IDeviceBuffer buffer, long at) = sends ? outgoing : incoming;
+                    link.Broadcast(buffer, at, w.SpanLength, 0, pipe.Wire);
+                }
                 else
                 {
                     if (sends)
-                        link.Send(pipe.Out[slot]!, 0, work[b].Bytes, Ranks.Destinations[transfer.Destinations[0]], pipe.Wire);
+                        link.Send(outgoing.Buffer!, outgoing.At, w.SpanLength, Ranks.Destinations[transfer.Destinations[0]], pipe.Wire);
                     if (receives)
-                        link.Receive(pipe.In[slot]!, 0, work[b].Bytes, sourceRank, pipe.Wire);
+                        link.Receive(incoming.Buffer!, incoming.At, w.SpanLength, sourceRank, pipe.Wire);
                 }
             }
             pipe.Wire.Record(pipe.Moved[slot]);
-            moved += work[b].Bytes;
+            moved += w.SpanLength;
             if (receives && i > 0)
                 Finish(i - 1);
         }
@@ -492,7 +533,54 @@ public sealed class PlanExecutor : IDisposable
     }
 
     /// <summary>What this rank does with one bucket, worked out once per plan: its bytes, its pieces (what its digest covers), and the copies that fill and empty it.</summary>
-    private sealed record BucketWork(long Bytes, List<(long Offset, long Length)> Pieces, List<(long Offset, long Length)> Gaps, List<StridedCopy> Pack, List<CopyRun> Unpack);
+    /// <summary>
+    /// What this rank does with one bucket, worked out once per plan: its pieces (what its digest covers) and the span
+    /// of the bucket they fill (what travels), the copies that fill and empty it, and, where its pieces lie in this
+    /// rank's source or destination region exactly as in the bucket, the region offset of the span (then no copy).
+    /// </summary>
+    private sealed record BucketWork(List<(long Offset, long Length)> Pieces, long SpanStart, long SpanLength, List<(long Offset, long Length)> Gaps,
+        List<StridedCopy> Pack, List<CopyRun> Unpack, long? SourceAt, long? DestinationAt)
+    {
+        public static BucketWork Make(Transfer transfer, int bucket, RegionLayout? source, RegionLayout? destination, bool inPlace)
+        {
+            List<(long Offset, long Length)> pieces = TransferPlan.Pieces(transfer, bucket);
+            long start = pieces.Min(p => p.Offset), end = pieces.Max(p => p.Offset + p.Length);
+            List<StridedCopy> pack = source is null ? [] : TransferPlan.PackCopies(transfer, bucket, source);
+            List<CopyRun> unpack = destination is null ? [] : TransferPlan.UnpackRuns(transfer, bucket, destination);
+            long? sourceAt = null, destinationAt = null;
+            if (inPlace && source is not null && pack.Count == pieces.Count && pack.All(c => c.Rows == 1)
+                && Enumerable.Range(0, pieces.Count).All(i => pack[i].To == pieces[i].Offset && pack[i].Bytes == pieces[i].Length && pack[i].From - pack[0].From == pack[i].To - pack[0].To))
+                sourceAt = pack[0].From - (pack[0].To - start); // bytes between pieces are only read, so whatever lies there may go along
+            if (inPlace && destination is not null
+                && Enumerable.Range(0, unpack.Count).All(i => unpack[i].To - unpack[0].To == unpack[i].From - unpack[0].From)
+                && !ForeignBytesBetween(unpack, destination))
+                destinationAt = unpack[0].To - (unpack[0].From - start);
+            return new BucketWork(pieces, start, end - start, TransferPlan.Gaps(transfer, bucket), pack, unpack, sourceAt, destinationAt);
+        }
+
+        /// <summary>Whether a tensor the bucket does not carry lies between its pieces in the region (receiving in place would overwrite it).</summary>
+        private static bool ForeignBytesBetween(List<CopyRun> unpack, RegionLayout layout)
+        {
+            // The region's tensors do not overlap, so sorted by offset their ends are sorted too: one search per gap.
+            long[] ends = s_ends.GetValue(layout, l => new StrongBox<long[]>(l.Tensors.Select(t => t.Offset + t.Bytes).Order().ToArray())).Value!;
+            long[] starts = s_starts.GetValue(layout, l => new StrongBox<long[]>(l.Tensors.Select(t => t.Offset).Order().ToArray())).Value!;
+            var runs = unpack.OrderBy(r => r.To).ToList();
+            for (int i = 0; i + 1 < runs.Count; i++)
+            {
+                long gapStart = runs[i].To + runs[i].Bytes, gapEnd = runs[i + 1].To;
+                if (gapEnd <= gapStart)
+                    continue;
+                int first = Array.BinarySearch(ends, gapStart + 1); // the first tensor that ends after the gap starts
+                if (first < 0)
+                    first = ~first;
+                if (first < starts.Length && starts[first] < gapEnd)
+                    return true;
+            }
+            return false;
+        }
+
+        private static readonly ConditionalWeakTable<RegionLayout, StrongBox<long[]>> s_ends = new(), s_starts = new();
+    }
 
     /// <summary>Two staging buckets each way, the streams that pack and move them, and the events that say a bucket has moved.</summary>
     private sealed class Pipeline : IDisposable
