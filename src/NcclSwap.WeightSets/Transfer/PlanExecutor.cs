@@ -87,6 +87,15 @@ public sealed class PlanExecutor : IDisposable
     private BucketWork[][]? _work;
     private Pipeline? _pipe;
     private int _inPlace;
+    private readonly Dictionary<string, long> _spent = [];
+
+    /// <summary>Adds the time since <paramref name="since"/> to the transfer's part <paramref name="part"/>; returns now.</summary>
+    private long Spend(string part, long since)
+    {
+        long now = System.Diagnostics.Stopwatch.GetTimestamp();
+        _spent[part] = _spent.GetValueOrDefault(part) + (now - since);
+        return now;
+    }
 
     public PlanExecutor(TransferPlan plan, IBackend backend, ICollective collective, PlanRanks? ranks = null)
     {
@@ -227,6 +236,7 @@ public sealed class PlanExecutor : IDisposable
         int buckets = 0, resent = 0;
         long bytes = 0;
         _inPlace = 0;
+        _spent.Clear();
         for (int pass = 0; ; pass++)
         {
             var packed = new ulong[_bucketCount];
@@ -277,6 +287,9 @@ public sealed class PlanExecutor : IDisposable
             }
             work = bad.Select(x => (x.Transfer, x.Bucket)).Distinct().ToList();
         }
+        // Within "transfer": where the host's time went (waits for the wire included in "wait").
+        foreach (var (part, ticks) in _spent)
+            phases[$"transfer: {part}"] = ticks * 1000.0 / System.Diagnostics.Stopwatch.Frequency;
         return new TransferReport(Me, buckets, skipped, resent, bytes, digests, tensors) { Phases = phases, Version = sentVersion, InPlace = _inPlace };
     }
 
@@ -302,7 +315,9 @@ public sealed class PlanExecutor : IDisposable
         {
             int slot = i % 2, b = buckets[i];
             BucketWork w = work[b];
+            long at0 = System.Diagnostics.Stopwatch.GetTimestamp();
             link.Wait(pipe.Moved[slot], waitOn, $"bucket {b} of transfer {t}");
+            at0 = Spend("wait", at0);
             Digest[] pieces;
             if (broadcast && sends) // the root of a broadcast it also receives: its copy comes from what it sent
                 pieces = w.SourceAt is long from
@@ -313,14 +328,17 @@ public sealed class PlanExecutor : IDisposable
             else
                 pieces = _backend.CopyAndDigest(destination!, pipe.In[slot]!, w.Unpack);
             arrived[_bucketBase[t] + b] = Fold(pieces).Value;
+            Spend("unpack and digest", at0);
         }
 
         for (int i = 0; i < buckets.Count; i++)
         {
             int slot = i % 2, b = buckets[i];
             BucketWork w = work[b];
+            long at = System.Diagnostics.Stopwatch.GetTimestamp();
             if (i >= 2)
                 link.Wait(pipe.Moved[slot], waitOn, $"bucket {buckets[i - 2]} of transfer {t}");
+            at = Spend("wait", at);
             // Where this bucket's bytes leave from and arrive at: a region in place, or a staging bucket.
             (IDeviceBuffer Buffer, long At) outgoing = default, incoming = default;
             if (sends)
@@ -342,6 +360,7 @@ public sealed class PlanExecutor : IDisposable
                     outgoing = (bucket, w.SpanStart);
                 }
             }
+            at = Spend("pack and digest", at);
             if (receives && !(broadcast && sends))
             {
                 incoming = w.DestinationAt is long to ? (destination!, to) : (pipe.In[slot]!, w.SpanStart);
@@ -351,8 +370,8 @@ public sealed class PlanExecutor : IDisposable
             {
                 if (broadcast)
                 {
-                    (IDeviceBuffer buffer, long at) = sends ? outgoing : incoming;
-                    link.Broadcast(buffer, at, w.SpanLength, 0, pipe.Wire);
+                    (IDeviceBuffer buffer, long offset) = sends ? outgoing : incoming;
+                    link.Broadcast(buffer, offset, w.SpanLength, 0, pipe.Wire);
                 }
                 else
                 {
@@ -363,6 +382,7 @@ public sealed class PlanExecutor : IDisposable
                 }
             }
             pipe.Wire.Record(pipe.Moved[slot]);
+            Spend("issue", at);
             moved += w.SpanLength;
             if (receives && i > 0)
                 Finish(i - 1);
@@ -558,7 +578,11 @@ public sealed class PlanExecutor : IDisposable
             return new BucketWork(pieces, start, end - start, TransferPlan.Gaps(transfer, bucket), pack, unpack, sourceAt, destinationAt);
         }
 
-        /// <summary>Whether a tensor the bucket does not carry lies between its pieces in the region (receiving in place would overwrite it).</summary>
+        /// <summary>
+        /// Whether a tensor the bucket does not carry lies between its pieces in the region (receiving in place would
+        /// overwrite it). While regions and buckets share one alignment such a tensor also shifts the offsets, so the
+        /// check above refuses first; this one holds for any alignment.
+        /// </summary>
         private static bool ForeignBytesBetween(List<CopyRun> unpack, RegionLayout layout)
         {
             // The region's tensors do not overlap, so sorted by offset their ends are sorted too: one search per gap.
