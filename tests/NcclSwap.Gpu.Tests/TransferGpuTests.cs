@@ -129,4 +129,35 @@ public class TransferGpuTests
         byte[][] held = group.RunOnEachRank(local => RunOne(local.Backend, local.Collective, plan, model, start).Held);
         Assert.True(expected.AsSpan().SequenceEqual(held[0]), $"seed {seed}");
     }
+
+    [Fact]
+    public void A_source_in_host_memory_reaches_the_destination_through_device_staging()
+    {
+        // A trainer whose weights are in pinned host memory (mapped for the device): its buckets are packed over the
+        // copy engines (host to device) while earlier ones are on the wire; nothing is sent from host memory in place.
+        Gpu.RequireNccl().Dispose();
+        int seed = TestData.NewSeed();
+        TransferPlan plan = TransferPlan.Create(Layout, 1, 4, bucketBytes: 1 << 20).ForDestination(2);
+        byte[] model = TestData.Random((int)plan.SourceLayout().Length, seed);
+        byte[] start = TestData.Random((int)plan.DestinationLayout(0).Length, seed + 1);
+        byte[] expected;
+        using (var host = new HostBackend())
+        using (ICollective alone = host.JoinCollective(host.CreateCollectiveId(), 0, 1, Deadline))
+            expected = RunOne(host, alone, plan, model, start).Held;
+
+        using var backend = new CudaBackend(0);
+        using ICollective collective = backend.JoinCollective(backend.CreateCollectiveId(), 0, 1, Deadline);
+        using var pinned = PinnedBuffer.Allocate(backend.Context, model.Length);
+        model.CopyTo(pinned.GetSpan(0, model.Length));
+        using IDeviceBuffer source = backend.MapHost(pinned.Pointer, model.Length, readOnly: true, "trainer weights in host memory");
+        using IDeviceBuffer destination = backend.Allocate(start.Length);
+        backend.Upload(start, destination);
+        using var executor = new PlanExecutor(plan, backend, collective, new PlanRanks([0], [0])) { InPlace = false };
+        TransferReport report = executor.Run(source, destination);
+        byte[] held = new byte[start.Length];
+        backend.Download(destination, 0, held);
+        Assert.True(expected.AsSpan().SequenceEqual(held), $"seed {seed}");
+        Assert.Equal(0, report.InPlace);
+        Assert.Equal(plan.ReceivedBytes()[0], report.Bytes);
+    }
 }

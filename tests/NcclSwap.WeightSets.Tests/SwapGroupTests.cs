@@ -65,6 +65,35 @@ public class SwapGroupTests
     }
 
     [Fact]
+    public void Three_processes_driving_nine_ranks_deliver_eight_tensor_parallel_destinations_their_parts()
+    {
+        // One source and TP8: a trainer process with one rank, two engine processes with four ranks each (an agent
+        // that drives several GPUs, a thread per rank).
+        int seed = TestData.NewSeed();
+        string folder = Directory.CreateTempSubdirectory("nccl-swap-group-").FullName;
+        var peers = new List<PeerProcess>();
+        try
+        {
+            string config = Path.Combine(folder, "group.json");
+            File.WriteAllText(config, $$"""
+                {"format": "nccl-swap-group/1", "name": "tp8", "root": "127.0.0.1:{{FreePort()}}", "timeout_seconds": 60,
+                 "members": [{"host": "trainer", "devices": [0]}, {"host": "engine-a", "devices": [0, 1, 2, 3]}, {"host": "engine-b", "devices": [4, 5, 6, 7]}]}
+                """);
+            for (int member = 0; member < 3; member++)
+                peers.Add(GroupPeer.Start(config, member, 1, 8, seed, folder));
+            foreach (PeerProcess peer in peers)
+                Assert.True(peer.WaitForExit(Generous) == 0, peer.ToString());
+            TransferPlan plan = PlanPeer.Plan(1, 8);
+            AssertHolds(plan, PlanPeer.Model(plan, seed), folder, seed);
+        }
+        finally
+        {
+            peers.ForEach(p => p.Dispose());
+            Directory.Delete(folder, recursive: true);
+        }
+    }
+
+    [Fact]
     public void A_member_that_never_reports_is_named_with_its_host_and_ranks_at_the_deadline()
     {
         string folder = Directory.CreateTempSubdirectory("nccl-swap-group-").FullName;
