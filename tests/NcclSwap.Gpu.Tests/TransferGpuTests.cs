@@ -147,9 +147,15 @@ public class TransferGpuTests
 
         using var backend = new CudaBackend(0);
         using ICollective collective = backend.JoinCollective(backend.CreateCollectiveId(), 0, 1, Deadline);
-        using var pinned = PinnedBuffer.Allocate(backend.Context, model.Length);
-        model.CopyTo(pinned.GetSpan(0, model.Length));
-        using IDeviceBuffer source = backend.MapHost(pinned.Pointer, model.Length, readOnly: true, "trainer weights in host memory");
+        // Ordinary page-aligned host memory, as a trainer's shared-memory region is; MapHost pins and maps it.
+        nint weights;
+        unsafe
+        {
+            weights = (nint)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)model.Length, 4096);
+            model.CopyTo(new Span<byte>((void*)weights, model.Length));
+        }
+        using var free = new Freed(weights);
+        using IDeviceBuffer source = backend.MapHost(weights, model.Length, readOnly: true, "trainer weights in host memory");
         using IDeviceBuffer destination = backend.Allocate(start.Length);
         backend.Upload(start, destination);
         using var executor = new PlanExecutor(plan, backend, collective, new PlanRanks([0], [0])) { InPlace = false };
@@ -159,5 +165,11 @@ public class TransferGpuTests
         Assert.True(expected.AsSpan().SequenceEqual(held), $"seed {seed}");
         Assert.Equal(0, report.InPlace);
         Assert.Equal(plan.ReceivedBytes()[0], report.Bytes);
+    }
+
+    /// <summary>Frees native memory when disposed (after the mapping that uses it).</summary>
+    private sealed unsafe class Freed(nint pointer) : IDisposable
+    {
+        public void Dispose() => System.Runtime.InteropServices.NativeMemory.AlignedFree((void*)pointer);
     }
 }
