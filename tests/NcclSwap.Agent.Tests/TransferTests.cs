@@ -1,5 +1,3 @@
-using System.Net;
-using System.Net.Sockets;
 using System.Text.RegularExpressions;
 using NcclSwap.ControlPlane;
 using NcclSwap.ControlPlane.Versions;
@@ -27,12 +25,7 @@ public sealed class TransferTests : IDisposable
     {
         string layout = Path.Combine(_folder, "layout.json");
         File.WriteAllText(layout, LayoutJson);
-        int port;
-        using (var probe = new TcpListener(IPAddress.Loopback, 0))
-        {
-            probe.Start();
-            port = ((IPEndPoint)probe.LocalEndpoint).Port;
-        }
+        int port = Ports.Free();
         string group = Path.Combine(_folder, "group.json");
         File.WriteAllText(group, $$"""
             {"format": "nccl-swap-group/1", "name": "cli", "root": "127.0.0.1:{{port}}", "timeout_seconds": {{timeoutSeconds}},

@@ -1,5 +1,4 @@
 using System.Net;
-using System.Net.Sockets;
 using NcclSwap.ControlPlane.Versions;
 using NcclSwap.DataPlane;
 using NcclSwap.Testing;
@@ -47,13 +46,7 @@ public class GroupTransferTests
 
     private static SwapGroupConfig Config()
     {
-        int port;
-        using (var probe = new TcpListener(IPAddress.Loopback, 0))
-        {
-            probe.Start();
-            port = ((IPEndPoint)probe.LocalEndpoint).Port;
-        }
-        return new SwapGroupConfig("tp-update", new IPEndPoint(IPAddress.Loopback, port),
+        return new SwapGroupConfig("tp-update", new IPEndPoint(IPAddress.Loopback, Ports.Free()),
             [new SwapGroupMember("trainer", [0]), new SwapGroupMember("engine-a", [0]), new SwapGroupMember("engine-b", [0])], TimeSpan.FromSeconds(10));
     }
 

@@ -107,13 +107,7 @@ public class TransferGpuTests
     public void A_one_member_swap_group_forms_over_nccl_from_its_configuration_and_moves_a_share()
     {
         Gpu.RequireNccl().Dispose();
-        int port;
-        using (var probe = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0))
-        {
-            probe.Start();
-            port = ((System.Net.IPEndPoint)probe.LocalEndpoint).Port;
-        }
-        var config = new SwapGroupConfig("gpu-one", new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, port), [new SwapGroupMember("local", [0])], Deadline);
+        var config = new SwapGroupConfig("gpu-one", new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, Ports.Free()), [new SwapGroupMember("local", [0])], Deadline);
         int seed = TestData.NewSeed();
         TransferPlan plan = TransferPlan.Create(Layout, 1, 8, bucketBytes: 1 << 20).ForDestination(5);
         byte[] model = TestData.Random((int)plan.SourceLayout().Length, seed);

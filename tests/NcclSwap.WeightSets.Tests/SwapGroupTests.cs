@@ -1,5 +1,3 @@
-using System.Net;
-using System.Net.Sockets;
 using NcclSwap.DataPlane;
 using NcclSwap.Testing;
 
@@ -10,19 +8,12 @@ public class SwapGroupTests
 {
     private static readonly TimeSpan Generous = TimeSpan.FromSeconds(60);
 
-    private static int FreePort()
-    {
-        using var probe = new TcpListener(IPAddress.Loopback, 0);
-        probe.Start();
-        return ((IPEndPoint)probe.LocalEndpoint).Port;
-    }
-
     /// <summary>alpha drives one device, beta two, gamma one: ranks 0 | 1, 2 | 3.</summary>
     private static string WriteConfig(string folder, double timeoutSeconds, string name = "job-7", string? betaDevices = null)
     {
         string path = Path.Combine(folder, $"group-{Guid.NewGuid():n}.json");
         File.WriteAllText(path, $$"""
-            {"format": "nccl-swap-group/1", "name": "{{name}}", "root": "127.0.0.1:{{FreePort()}}", "timeout_seconds": {{timeoutSeconds}},
+            {"format": "nccl-swap-group/1", "name": "{{name}}", "root": "127.0.0.1:{{Ports.Free()}}", "timeout_seconds": {{timeoutSeconds}},
              "members": [{"host": "alpha", "devices": [0]}, {"host": "beta", "devices": {{betaDevices ?? "[0, 1]"}}}, {"host": "gamma", "devices": [3]}]}
             """);
         return path;
@@ -76,7 +67,7 @@ public class SwapGroupTests
         {
             string config = Path.Combine(folder, "group.json");
             File.WriteAllText(config, $$"""
-                {"format": "nccl-swap-group/1", "name": "tp8", "root": "127.0.0.1:{{FreePort()}}", "timeout_seconds": 60,
+                {"format": "nccl-swap-group/1", "name": "tp8", "root": "127.0.0.1:{{Ports.Free()}}", "timeout_seconds": 60,
                  "members": [{"host": "trainer", "devices": [0]}, {"host": "engine-a", "devices": [0, 1, 2, 3]}, {"host": "engine-b", "devices": [4, 5, 6, 7]}]}
                 """);
             for (int member = 0; member < 3; member++)
