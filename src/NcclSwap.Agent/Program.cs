@@ -1,4 +1,5 @@
 using System.CommandLine;
+using NcclSwap.Agent.Audit;
 using NcclSwap.Agent.Demo;
 using NcclSwap.Agent.Doctor;
 using NcclSwap.Agent.Inspect;
@@ -22,6 +23,7 @@ public static class Program
         root.Subcommands.Add(DemoCommand.Create(output, error));
         root.Subcommands.Add(PlanCommand.Create(output, error));
         root.Subcommands.Add(TransferCommand.Create(output, error));
+        root.Subcommands.Add(AuditCommand.Create(output, error));
         root.Subcommands.Add(DemoPeers.Create(output));
         return root;
     }

@@ -13,6 +13,9 @@ public sealed record AgentOptions(string SocketPath, string StateDirectory, stri
 
     public string TablePath => Path.Combine(StateDirectory, "versions.table");
 
+    /// <summary>The audit log (<see cref="Audit.AuditLog"/>), beside the state.</summary>
+    public string AuditLogPath => Path.Combine(StateDirectory, "audit.jsonl");
+
     public string StatePath => Path.Combine(StateDirectory, "state.json");
 }
 
@@ -25,8 +28,9 @@ public sealed class AgentCore : IAsyncDisposable
 {
     private readonly ILogger _log;
 
-    private AgentCore(AgentOptions options, VersionTable table, VersionManager versions, FrontDoor door, RequestDispatcher dispatcher, ILogger log)
+    private AgentCore(AgentOptions options, VersionTable table, VersionManager versions, FrontDoor door, RequestDispatcher dispatcher, Audit.AuditLog audit, ILogger log)
     {
+        Audit = audit;
         Options = options;
         Table = table;
         Versions = versions;
@@ -45,6 +49,9 @@ public sealed class AgentCore : IAsyncDisposable
 
     public RequestDispatcher Dispatcher { get; }
 
+    /// <summary>The audit log, at <see cref="AgentOptions.AuditLogPath"/>.</summary>
+    public Audit.AuditLog Audit { get; }
+
     public static AgentCore Start(AgentOptions options, IBackend backend, ILogger log)
     {
         Directory.CreateDirectory(options.StateDirectory);
@@ -53,8 +60,10 @@ public sealed class AgentCore : IAsyncDisposable
         VersionTable table = VersionTable.OpenOrCreate(options.TablePath, options.TableCapacity);
         VersionManager? versions = null;
         FrontDoor? door = null;
+        Audit.AuditLog? audit = null;
         try
         {
+            audit = NcclSwap.ControlPlane.Audit.AuditLog.Open(options.AuditLogPath);
             versions = new VersionManager(table, new StateStore(options.StatePath), backend,
                 new LifecycleOptions(options.StagingDirectory, options.Policy, options.AckTimeout) { Placement = options.Placement }, log);
             door = new FrontDoor(options.SocketPath, options.TablePath, options.Roles, versions);
@@ -63,14 +72,16 @@ public sealed class AgentCore : IAsyncDisposable
             door.SessionChanged += (s, started) => log.LogInformation("{Session} {State}{Reason}", s, started ? "started" : "ended", s.EndReason is { } why ? $": {why}" : "");
             var dispatcher = new RequestDispatcher(door, versions);
             dispatcher.RequestRefused += (s, _, reason) => log.LogWarning("{Session}: request refused: {Reason}", s, reason);
+            _ = new Audit.AgentAudit(audit, log, door, dispatcher, versions);
             log.LogInformation("nccl-swap agent listening on {Socket}, version table {Table} ({Capacity} rows), staging in {Staging}, {Backend}, {Policy} policy",
                 options.SocketPath, options.TablePath, options.TableCapacity, options.StagingDirectory, backend.Description, options.Policy.ToString().ToLowerInvariant());
-            return new AgentCore(options, table, versions, door, dispatcher, log);
+            return new AgentCore(options, table, versions, door, dispatcher, audit, log);
         }
         catch
         {
             door?.DisposeAsync().AsTask().GetAwaiter().GetResult();
             versions?.Dispose();
+            audit?.Dispose();
             table.Dispose();
             throw;
         }
@@ -87,6 +98,7 @@ public sealed class AgentCore : IAsyncDisposable
         await Door.DisposeAsync();
         Versions.Dispose();
         Table.Dispose();
+        Audit.Dispose();
         _log.LogInformation("nccl-swap agent stopped");
     }
 }

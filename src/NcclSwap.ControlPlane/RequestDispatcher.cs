@@ -57,6 +57,9 @@ public sealed class RequestDispatcher : IDisposable
     /// <summary>Raised for every refused request, on the dispatcher's thread, with the reason: for the audit log.</summary>
     public event Action<SessionInfo, Request, string>? RequestRefused;
 
+    /// <summary>Raised for every request handed to the handler, just before, on the dispatcher's thread: for the audit log.</summary>
+    public event Action<SessionInfo, Request>? RequestAccepted;
+
     /// <summary>Answers a request whose handler returned null; the response goes out on the dispatcher's thread (rings have one producer).</summary>
     public void Reply(long session, in Response response)
     {
@@ -91,6 +94,7 @@ public sealed class RequestDispatcher : IDisposable
             else
             {
                 Interlocked.Increment(ref _handled);
+                RequestAccepted?.Invoke(session, request);
                 if (_handler.Handle(session, request, this) is not { } now)
                     continue;
                 response = now;

@@ -3,6 +3,14 @@ using NcclSwap.Agent.Demo;
 
 namespace NcclSwap.Agent.Tests;
 
+/// <summary>Demo runs in this process share its staging folder (named after the pid): they run one at a time.</summary>
+[CollectionDefinition(Name, DisableParallelization = true)]
+public sealed class DemoRuns
+{
+    public const string Name = "demo runs";
+}
+
+[Collection(DemoRuns.Name)]
 public sealed partial class DemoTests : IDisposable
 {
     private readonly string _folder = Directory.CreateTempSubdirectory("nccl-swap-demo-test-").FullName;

@@ -146,3 +146,39 @@ public sealed class AuditLogTests : IDisposable
 
     public void Dispose() => Directory.Delete(_folder, recursive: true);
 }
+
+public sealed class AgentAuditTests
+{
+    private static readonly NcclSwap.WeightSets.SyntheticModel Model = NcclSwap.WeightSets.SyntheticModel.Tiny;
+
+    [Fact]
+    public async Task The_agent_enters_who_published_what_the_outcome_and_every_refusal_and_the_chain_verifies()
+    {
+        await using TestAgent agent = TestAgent.Start();
+        NcclSwap.WeightSets.RegionLayout layout = Model.Layout();
+        using (var publisher = PublisherClient.Connect(agent.SocketPath, "llama", layout))
+        {
+            NcclSwap.WeightSets.SyntheticModel.Fill(1, layout, publisher.Tensors.Pointer);
+            Assert.True(publisher.Publish(1, wait: true).Ok);
+        }
+        using (ChannelClient consumer = ChannelClient.Connect(agent.SocketPath, Role.Consumer, "llama"))
+        {
+            Abi.Response refused = consumer.Call(consumer.NewRequest(Abi.RequestKind.Publish, 2), TimeSpan.FromSeconds(10));
+            Assert.Equal(Abi.Status.NotPermitted, refused.Status);
+        }
+        string path = agent.Core!.Options.AuditLogPath;
+        Assert.Equal(Path.Combine(agent.Folder, "state", "audit.jsonl"), path);
+        agent.WaitFor(() => AuditLog.Read(path).Count() >= 3, TimeSpan.FromSeconds(10), "three audit entries");
+
+        var entries = AuditLog.Read(path).ToList();
+        string Describe(System.Text.Json.JsonElement e) => $"{e.GetProperty("action").GetString()} {e.GetProperty("outcome").GetString()}";
+        Assert.Equal(["publish requested", "publish activated", "publish denied"], entries.Select(Describe));
+        uint me = TestAgent.MyUid();
+        Assert.All(entries, e => Assert.Equal(me, e.GetProperty("who").GetProperty("uid").GetUInt32()));
+        Assert.Equal(1ul, entries[1].GetProperty("version").GetUInt64());
+        Assert.Equal(Environment.ProcessId, entries[0].GetProperty("who").GetProperty("pid").GetInt32());
+        Assert.Equal(Environment.ProcessPath, entries[0].GetProperty("who").GetProperty("exe").GetString());
+        Assert.Contains("consumer", entries[2].GetProperty("detail").GetString());
+        Assert.True(AuditLog.Verify(path).Intact);
+    }
+}

@@ -1,0 +1,64 @@
+using System.Collections.Concurrent;
+using Microsoft.Extensions.Logging;
+using NcclSwap.ControlPlane.Abi;
+using NcclSwap.ControlPlane.Versions;
+
+namespace NcclSwap.ControlPlane.Audit;
+
+/// <summary>
+/// What the agent enters in its audit log: every refused connection and request (who, what, why), every publish and
+/// rollback when it is asked for (who) and when it ends (the outcome, entered under the client that asked).
+/// </summary>
+internal sealed class AgentAudit
+{
+    private readonly AuditLog _log;
+    private readonly ILogger _logger;
+    private readonly ConcurrentDictionary<(string Set, ulong Version, bool Rollback), AuditActor> _askedBy = new();
+    private readonly AuditActor _agent = AuditActor.Of(PeerIdentity.OfThisProcess());
+
+    public AgentAudit(AuditLog log, ILogger logger, FrontDoor door, RequestDispatcher dispatcher, VersionManager versions)
+    {
+        _log = log;
+        _logger = logger;
+        door.Refused += r => Enter(AuditActor.Of(r.Peer), new AuditEvent("connect", "denied", Detail: $"{r.Request}: {r.Reason}"));
+        dispatcher.RequestRefused += (session, request, reason) =>
+            Enter(AuditActor.Of(session.Peer), new AuditEvent(Name(request), "denied", session.WeightSet, request.Version, Detail: reason));
+        dispatcher.RequestAccepted += Accepted;
+        versions.Updated += Ended;
+    }
+
+    private void Accepted(SessionInfo session, Request request)
+    {
+        var kind = (RequestKind)request.Kind;
+        if (kind is not (RequestKind.Publish or RequestKind.Rollback))
+            return; // pings, status, acknowledgements and copy-ins change nothing an operator must trace
+        AuditActor who = AuditActor.Of(session.Peer);
+        _askedBy[(session.WeightSet, kind == RequestKind.Rollback ? 0 : request.Version, kind == RequestKind.Rollback)] = who;
+        Enter(who, new AuditEvent(Name(request), "requested", session.WeightSet, kind == RequestKind.Rollback ? null : request.Version));
+    }
+
+    private void Ended(UpdateOutcome outcome)
+    {
+        if (!outcome.IsFinal)
+            return;
+        var key = (outcome.WeightSet, outcome.IsRollback ? 0 : outcome.Version, outcome.IsRollback);
+        AuditActor who = _askedBy.TryRemove(key, out AuditActor asked) ? asked : _agent;
+        Enter(who, new AuditEvent(outcome.IsRollback ? "rollback" : "publish", outcome.Result.ToString().ToLowerInvariant(), outcome.WeightSet, outcome.Version,
+            Detail: outcome.Detail.Length > 0 ? outcome.Detail : null));
+    }
+
+    private static string Name(Request request) => ((RequestKind)request.Kind).ToString().ToLowerInvariant();
+
+    private void Enter(AuditActor who, AuditEvent what)
+    {
+        try
+        {
+            _log.Append(who, what);
+        }
+        catch (IOException e)
+        {
+            // The action goes on (refusing every client for a full disk would stop inference); the operator must know.
+            _logger.LogError("audit log {Path}: could not enter {Action} {Outcome} by uid {Uid}: {Error}", _log.Path, what.Action, what.Outcome, who.Uid, e.Message);
+        }
+    }
+}
