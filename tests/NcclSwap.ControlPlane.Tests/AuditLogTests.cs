@@ -33,6 +33,7 @@ public sealed class AuditLogTests : IDisposable
         Assert.Equal("llama", entries[4].GetProperty("weight_set").GetString());
         Assert.Equal(entries[3].GetProperty("hash").GetString(), entries[4].GetProperty("previous").GetString());
         Assert.Equal(AuditLog.Genesis, entries[0].GetProperty("previous").GetString());
+        Assert.Equal(UnixFileMode.UserRead | UnixFileMode.UserWrite, File.GetUnixFileMode(path));
         Assert.True(DateTimeOffset.UtcNow - DateTimeOffset.Parse(entries[11].GetProperty("time").GetString()!, System.Globalization.CultureInfo.InvariantCulture) < TimeSpan.FromMinutes(5));
 
         // Opened again, the chain goes on.
@@ -104,6 +105,7 @@ public sealed class AuditLogTests : IDisposable
     {
         string path = Write(60, rotateBytes: 4096);
         Assert.True(File.Exists(path + ".1") && File.Exists(path + ".2"), "expected at least two rotated files");
+        Assert.Equal(UnixFileMode.UserRead | UnixFileMode.UserWrite, File.GetUnixFileMode(path));
         AuditVerification result = AuditLog.Verify(path);
         Assert.True(result.Intact, result.FirstBad);
         Assert.Equal(60, result.Entries);

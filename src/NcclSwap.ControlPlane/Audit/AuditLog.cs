@@ -39,7 +39,7 @@ public sealed record AuditVerification(long Entries, string? FirstBad)
 /// Rotation: past <see cref="RotateBytes"/> the file is renamed <c>PATH.N</c> (N counting up) and a new one starts,
 /// whose first entry holds the hash of the last one before: <see cref="Verify"/> walks <c>PATH.1</c>, <c>PATH.2</c>, …,
 /// then <c>PATH</c> as one chain. A partial last line (a crash during a write) is cut off when the log is opened, and
-/// that is itself entered.
+/// that is itself entered. Files are created readable and writable by the agent's user only (0600).
 /// </summary>
 public sealed class AuditLog : IDisposable
 {
@@ -78,7 +78,7 @@ public sealed class AuditLog : IDisposable
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(rotateBytes, 4096);
         Directory.CreateDirectory(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!);
-        var file = new FileStream(path, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.Read);
+        var file = new FileStream(path, Creating(FileMode.OpenOrCreate));
         try
         {
             long cut = CutPartialLine(file);
@@ -219,8 +219,17 @@ public sealed class AuditLog : IDisposable
         _file.Dispose();
         List<string> rotated = RotatedFiles(Path);
         File.Move(Path, $"{Path}.{rotated.Count + 1}");
-        _file = new FileStream(Path, FileMode.CreateNew, FileAccess.ReadWrite, FileShare.Read);
+        _file = new FileStream(Path, Creating(FileMode.CreateNew));
     }
+
+    /// <summary>Read and write for the agent's user alone: who did what is not for every local user to read.</summary>
+    private static FileStreamOptions Creating(FileMode mode) => new()
+    {
+        Mode = mode,
+        Access = FileAccess.ReadWrite,
+        Share = FileShare.Read,
+        UnixCreateMode = UnixFileMode.UserRead | UnixFileMode.UserWrite,
+    };
 
     /// <summary>PATH.1, PATH.2, … in order.</summary>
     private static List<string> RotatedFiles(string path)
