@@ -163,12 +163,14 @@ public sealed class AgentAuditTests
             NcclSwap.WeightSets.SyntheticModel.Fill(1, layout, publisher.Tensors.Pointer);
             Assert.True(publisher.Publish(1, wait: true).Ok);
         }
+        // The outcome is entered by the thread that ended the update, which may answer the publisher first.
+        string path = agent.Core!.Options.AuditLogPath;
+        agent.WaitFor(() => AuditLog.Read(path).Count() >= 2, TimeSpan.FromSeconds(10), "the publish's two audit entries");
         using (ChannelClient consumer = ChannelClient.Connect(agent.SocketPath, Role.Consumer, "llama"))
         {
             Abi.Response refused = consumer.Call(consumer.NewRequest(Abi.RequestKind.Publish, 2), TimeSpan.FromSeconds(10));
             Assert.Equal(Abi.Status.NotPermitted, refused.Status);
         }
-        string path = agent.Core!.Options.AuditLogPath;
         Assert.Equal(Path.Combine(agent.Folder, "state", "audit.jsonl"), path);
         agent.WaitFor(() => AuditLog.Read(path).Count() >= 3, TimeSpan.FromSeconds(10), "three audit entries");
 
