@@ -30,30 +30,33 @@ public sealed class ReceivingPublisher : IDisposable
     /// <summary>What the agent answered to the last publish.</summary>
     public PublishResult? LastPublish { get; private set; }
 
+    /// <summary>A publisher registered for destination <paramref name="destination"/>'s share, to keep across swap groups (<see cref="Over"/>).</summary>
+    public static PublisherClient Register(string socketPath, string weightSet, TransferPlan plan, int destination, TimeSpan? timeout = null) =>
+        PublisherClient.Connect(socketPath, weightSet, plan.DestinationLayout(destination), timeout);
+
     /// <summary>
-    /// Registers with the agent at <paramref name="socketPath"/> as the publisher of <paramref name="weightSet"/> and
-    /// prepares destination <paramref name="destination"/> of <paramref name="plan"/> on <paramref name="collective"/>
-    /// (whose rank plays it in <paramref name="ranks"/>).
+    /// Destination <paramref name="destination"/> of <paramref name="plan"/> on <paramref name="collective"/> (whose rank
+    /// plays it in <paramref name="ranks"/>), receiving into <paramref name="publisher"/>'s region (<see cref="Register"/>).
+    /// The caller keeps the publisher: a group formed again after a failure receives into the same region, with no new
+    /// registration for the agent to weigh against the old one.
     /// </summary>
-    public static ReceivingPublisher Connect(string socketPath, string weightSet, TransferPlan plan, PlanRanks ranks, int destination,
-        IBackend backend, ICollective collective, TimeSpan? timeout = null)
+    public static ReceivingPublisher Over(PublisherClient publisher, TransferPlan plan, PlanRanks ranks, int destination, IBackend backend, ICollective collective)
     {
         if (ranks.Destinations[destination] != collective.Rank)
             throw new ArgumentException($"destination {destination} is rank {ranks.Destinations[destination]}, not this collective's rank {collective.Rank}");
         if (ranks.Sources.Contains(collective.Rank))
             throw new ArgumentException($"rank {collective.Rank} is also a source; a receiving publisher only receives");
-        PublisherClient publisher = PublisherClient.Connect(socketPath, weightSet, plan.DestinationLayout(destination), timeout);
-        IDeviceBuffer? region = null;
+        if (publisher.Tensors.Layout.Mismatch(plan.DestinationLayout(destination)) is { } problem)
+            throw new ArgumentException($"the publisher's region is not destination {destination}'s share: {problem}");
+        IDeviceBuffer region = backend.MapHost(publisher.Tensors.Pointer, publisher.Tensors.Length, readOnly: false, $"{publisher.Tensors.Name} as destination {destination}");
         try
         {
-            region = backend.MapHost(publisher.Tensors.Pointer, publisher.Tensors.Length, readOnly: false, $"{weightSet} as destination {destination}");
             // The region is host memory: buckets arrive in device staging and are copied out (not received in place).
             return new ReceivingPublisher(publisher, region, new PlanExecutor(plan, backend, collective, ranks) { InPlace = false }, destination);
         }
         catch
         {
-            region?.Dispose();
-            publisher.Dispose();
+            region.Dispose();
             throw;
         }
     }
@@ -75,10 +78,10 @@ public sealed class ReceivingPublisher : IDisposable
         return report;
     }
 
+    /// <summary>Releases the executor and the mapping; the publisher's registration stays with its owner.</summary>
     public void Dispose()
     {
         _executor.Dispose();
         _region.Dispose();
-        _publisher.Dispose();
     }
 }

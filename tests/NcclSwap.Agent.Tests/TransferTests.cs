@@ -120,8 +120,8 @@ public sealed class TransferTests : IDisposable
             for (int d = 0; d < 2; d++)
                 members.Add(PeerHost.Start("agent", "transfer", "--group", group, "--member", $"{1 + d}", "--layout", layout, "--tp", "2", "--versions", "2",
                     "--backend", "host", "--agent", sockets[d], "--weight-set", "moe"));
-            foreach (PeerProcess member in members)
-                Assert.True(member.WaitForExit(TimeSpan.FromSeconds(60)) == 0, member.ToString());
+            int[] codes = members.Select(m => m.WaitForExit(TimeSpan.FromSeconds(60))).ToArray();
+            Assert.True(codes.All(c => c == 0), string.Join(Environment.NewLine, members.Select(m => m.ToString())));
             for (int d = 0; d < 2; d++)
             {
                 Assert.Contains($"version 2: rank {1 + d} destination {d}: published to {sockets[d]} (ok", members[1 + d].Output);

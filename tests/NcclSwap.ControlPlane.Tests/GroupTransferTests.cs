@@ -51,7 +51,7 @@ public class GroupTransferTests
     }
 
     /// <summary>One update: the group formed, the trainer sends <paramref name="model"/> as <paramref name="version"/> (giving up after <paramref name="failAfter"/> buckets), each engine member receives and publishes to its agent.</summary>
-    private static Exception?[] Update(TestAgent[] agents, byte[] model, ulong version, int? failAfter = null)
+    private static Exception?[] Update(PublisherClient[] publishers, byte[] model, ulong version, int? failAfter = null)
     {
         SwapGroupConfig config = Config();
         var failures = new Exception?[3];
@@ -70,7 +70,7 @@ public class GroupTransferTests
                         using var executor = new PlanExecutor(Plan, local.Backend, link);
                         return executor.Run(region, version: version);
                     }
-                    using var receiver = ReceivingPublisher.Connect(agents[member - 1].SocketPath, "moe", Plan, PlanRanks.Separate(Plan), member - 1, local.Backend, local.Collective);
+                    using var receiver = ReceivingPublisher.Over(publishers[member - 1], Plan, PlanRanks.Separate(Plan), member - 1, local.Backend, local.Collective);
                     return receiver.Receive();
                 });
             }
@@ -108,10 +108,12 @@ public class GroupTransferTests
             ConsumerClient.Connect(agent.SocketPath, "moe", Plan.DestinationLayout(d), ConsumerMode.Flip),
             ConsumerClient.Connect(agent.SocketPath, "moe", Plan.DestinationLayout(d), ConsumerMode.CopyIn),
         }).ToArray();
+        // Each engine registers once, as a publisher of its share, and keeps the registration across the groups.
+        PublisherClient[] publishers = agents.Select((agent, d) => ReceivingPublisher.Register(agent.SocketPath, "moe", Plan, d)).ToArray();
         try
         {
             byte[] v1 = TestData.Random((int)Plan.SourceLayout().Length, seed);
-            Assert.All(Update(agents, v1, 1), f => Assert.Null(f));
+            Assert.All(Update(publishers, v1, 1), f => Assert.Null(f));
             for (int d = 0; d < 2; d++)
                 foreach (ConsumerClient consumer in consumers[d])
                 {
@@ -121,7 +123,7 @@ public class GroupTransferTests
 
             // The trainer gives up after two buckets of version 2: both engines' transfers end naming it, nothing is published.
             byte[] v2 = TestData.Random(v1.Length, seed + 1);
-            Exception?[] failed = Update(agents, v2, 2, failAfter: 2);
+            Exception?[] failed = Update(publishers, v2, 2, failAfter: 2);
             Assert.NotNull(failed[0]);
             for (int member = 1; member < 3; member++)
             {
@@ -138,7 +140,7 @@ public class GroupTransferTests
 
             // The group forms again and version 3 reaches everyone.
             byte[] v3 = TestData.Random(v1.Length, seed + 2);
-            Assert.All(Update(agents, v3, 3), f => Assert.Null(f));
+            Assert.All(Update(publishers, v3, 3), f => Assert.Null(f));
             for (int d = 0; d < 2; d++)
                 foreach (ConsumerClient consumer in consumers[d])
                 {
@@ -150,6 +152,8 @@ public class GroupTransferTests
         {
             foreach (ConsumerClient consumer in consumers.SelectMany(c => c))
                 consumer.Dispose();
+            foreach (PublisherClient publisher in publishers)
+                publisher.Dispose();
         }
     }
 

@@ -75,7 +75,17 @@ internal static class TransferCommand
         var ranks = PlanRanks.Separate(plan);
         int failed = 0;
         SwapGroup? group = null;
+        List<RankWork> work = [];
         var reports = new Dictionary<int, TransferReport>();
+        // A destination's registration with its agent outlives the groups: one publisher for every version.
+        var publishers = new Dictionary<int, PublisherClient>();
+        void Disband()
+        {
+            work.ForEach(w => w.Dispose());
+            work.Clear();
+            group?.Dispose();
+            group = null;
+        }
         try
         {
             for (ulong version = 1; version <= (ulong)args.Versions; version++)
@@ -84,17 +94,18 @@ internal static class TransferCommand
                 {
                     if (group is null || group.IsBroken)
                     {
-                        group?.Dispose();
-                        group = null;
+                        Disband();
                         group = SwapGroup.Form(config, args.Member, device => Backend.Create(args.Backend, device));
                         output.WriteLine($"nccl-swap transfer: member {args.Member} of '{config.Name}' joined with rank(s) {string.Join(", ", group.Ranks.Select(r => r.Rank))} ({group.Ranks[0].Backend.Description})");
+                        // Kept while the group lives: staging, split communicators, and a destination's registration with its agent.
+                        work = group.Ranks.Select(local => new RankWork(local, plan, ranks, args, publishers)).ToList();
                     }
                     ulong v = version;
-                    TransferReport[] done = group.RunOnEachRank(local => RunRank(local, plan, ranks, args, v, reports.GetValueOrDefault(local.Rank), output));
+                    TransferReport[] done = group.RunOnEachRank(local => work.Single(w => w.Local == local).Run(v, reports.GetValueOrDefault(local.Rank), output));
                     foreach (TransferReport report in done)
                         reports[report.Rank] = report;
                 }
-                catch (Exception e) when (e is CollectiveException or InvalidDataException or InvalidOperationException)
+                catch (Exception e) when (e is CollectiveException or InvalidDataException or InvalidOperationException or ChannelClosedException)
                 {
                     failed++;
                     error.WriteLine($"nccl-swap transfer: version {version} failed: {e.Message}");
@@ -105,47 +116,81 @@ internal static class TransferCommand
         }
         finally
         {
-            group?.Dispose();
+            Disband();
+            foreach (PublisherClient publisher in publishers.Values)
+                publisher.Dispose();
         }
         return failed == 0 ? 0 : 3;
     }
 
-    /// <summary>One rank's part of one update; prints a line with what it moved.</summary>
-    private static TransferReport RunRank(SwapGroup.LocalRank local, TransferPlan plan, PlanRanks ranks, Arguments args, ulong version, TransferReport? previous, TextWriter output)
+    /// <summary>One local rank's part of every update while the group lives: its region and executor, or its receiving publisher.</summary>
+    private sealed class RankWork : IDisposable
     {
-        var clock = Stopwatch.StartNew();
-        int source = ranks.Sources.ToList().IndexOf(local.Rank), destination = ranks.Destinations.ToList().IndexOf(local.Rank);
-        TransferReport report;
-        string detail;
-        if (source >= 0)
+        private readonly TransferPlan _plan;
+        private readonly int _source, _destination;
+        private readonly RegionLayout? _layout;
+        private readonly IDeviceBuffer? _region;
+        private readonly PlanExecutor? _executor;
+        private readonly ReceivingPublisher? _receiver;
+        private readonly string? _agent;
+
+        public RankWork(SwapGroup.LocalRank local, TransferPlan plan, PlanRanks ranks, Arguments args, Dictionary<int, PublisherClient> publishers)
         {
-            RegionLayout layout = plan.SourceLayout();
-            using IDeviceBuffer region = local.Backend.Allocate(layout.Length);
-            Fill(local.Backend, region, layout, version);
-            clock.Restart();
-            using var executor = new PlanExecutor(plan, local.Backend, local.Collective, ranks);
-            report = executor.Run(region, previous, version);
-            detail = $"source {source}: sent";
+            Local = local;
+            _plan = plan;
+            _source = ranks.Sources.ToList().IndexOf(local.Rank);
+            _destination = ranks.Destinations.ToList().IndexOf(local.Rank);
+            if (_source < 0 && args.Agent is not null)
+            {
+                _agent = args.Agent;
+                if (!publishers.TryGetValue(local.Rank, out PublisherClient? publisher))
+                    publishers[local.Rank] = publisher = ReceivingPublisher.Register(args.Agent, args.WeightSet!, plan, _destination);
+                _receiver = ReceivingPublisher.Over(publisher, plan, ranks, _destination, local.Backend, local.Collective);
+                return;
+            }
+            _layout = _source >= 0 ? plan.SourceLayout() : plan.DestinationLayout(_destination);
+            _region = local.Backend.Allocate(_layout.Length);
+            _executor = new PlanExecutor(plan, local.Backend, local.Collective, ranks);
         }
-        else if (args.Agent is not null)
+
+        public SwapGroup.LocalRank Local { get; }
+
+        /// <summary>One update; prints a line with what this rank moved.</summary>
+        public TransferReport Run(ulong version, TransferReport? previous, TextWriter output)
         {
-            using var receiver = ReceivingPublisher.Connect(args.Agent, args.WeightSet!, plan, ranks, destination, local.Backend, local.Collective);
-            report = receiver.Receive();
-            detail = $"destination {destination}: published to {args.Agent} ({receiver.LastPublish}), received";
+            var clock = Stopwatch.StartNew();
+            TransferReport report;
+            string detail;
+            if (_source >= 0)
+            {
+                Fill(Local.Backend, _region!, _layout!, version);
+                clock.Restart();
+                report = _executor!.Run(_region!, previous, version);
+                detail = $"source {_source}: sent";
+            }
+            else if (_receiver is not null)
+            {
+                report = _receiver.Receive();
+                detail = $"destination {_destination}: published to {_agent} ({_receiver.LastPublish}), received";
+            }
+            else
+            {
+                report = _executor!.Run(_region!);
+                detail = $"destination {_destination}: holds hash {Hash(Local.Backend, _region!, _layout!):x16}, received";
+            }
+            double seconds = clock.Elapsed.TotalSeconds;
+            lock (output)
+                output.WriteLine($"version {report.Version}: rank {Local.Rank} {detail} {report.Bytes / 1e9:0.000} GB in {report.Buckets} bucket(s), " +
+                    $"{report.Skipped} skipped, {report.Resent} re-sent, {seconds * 1e3:0.0} ms ({report.Bytes / Math.Max(seconds, 1e-9) / 1e9:0.0} GB/s)");
+            return report;
         }
-        else
+
+        public void Dispose()
         {
-            RegionLayout layout = plan.DestinationLayout(destination);
-            using IDeviceBuffer region = local.Backend.Allocate(layout.Length);
-            using var executor = new PlanExecutor(plan, local.Backend, local.Collective, ranks);
-            report = executor.Run(region);
-            detail = $"destination {destination}: holds hash {Hash(local.Backend, region, layout):x16}, received";
+            _receiver?.Dispose();
+            _executor?.Dispose();
+            _region?.Dispose();
         }
-        double seconds = clock.Elapsed.TotalSeconds;
-        lock (output)
-            output.WriteLine($"version {report.Version}: rank {local.Rank} {detail} {report.Bytes / 1e9:0.000} GB in {report.Buckets} bucket(s), " +
-                $"{report.Skipped} skipped, {report.Resent} re-sent, {seconds * 1e3:0.0} ms ({report.Bytes / Math.Max(seconds, 1e-9) / 1e9:0.0} GB/s)");
-        return report;
     }
 
     /// <summary>Version <paramref name="version"/> of every tensor (<see cref="SyntheticModel.Fill(ulong, RegionLayout, nint)"/>), made in host memory and uploaded.</summary>
