@@ -34,24 +34,13 @@ public sealed class TransferTests : IDisposable
         return (layout, group, TransferPlan.Create(ModelLayout.Load(layout), 1, 2, 256L << 20));
     }
 
-    /// <summary>Destination d's share of synthetic version v, made with the plan's pack and unpack runs on the CPU.</summary>
+    /// <summary>Destination d's share of synthetic version v.</summary>
     private static unsafe byte[] Share(TransferPlan plan, ulong version, int d)
     {
-        RegionLayout source = plan.SourceLayout(), layout = plan.DestinationLayout(d);
-        byte[] model = new byte[source.Length];
+        byte[] model = new byte[plan.SourceLayout().Length];
         fixed (byte* m = model)
-            SyntheticModel.Fill(version, source, (nint)m);
-        byte[] held = new byte[layout.Length];
-        foreach (NcclSwap.WeightSets.Transfer t in plan.Transfers.Where(t => t.Destinations.Contains(d)))
-            for (int b = 0; b < t.Buckets.Buckets.Count; b++)
-            {
-                byte[] bucket = new byte[t.Buckets.Buckets[b].Bytes];
-                foreach (CopyRun run in TransferPlan.PackRuns(t, b, source))
-                    model.AsSpan((int)run.From, (int)run.Bytes).CopyTo(bucket.AsSpan((int)run.To));
-                foreach (CopyRun run in TransferPlan.UnpackRuns(t, b, layout))
-                    bucket.AsSpan((int)run.From, (int)run.Bytes).CopyTo(held.AsSpan((int)run.To));
-            }
-        return held;
+            SyntheticModel.Fill(version, plan.SourceLayout(), (nint)m);
+        return Shares.Of(plan, model, d);
     }
 
     private static unsafe ulong HashOf(TransferPlan plan, byte[] share, int d)

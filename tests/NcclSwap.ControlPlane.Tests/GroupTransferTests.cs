@@ -27,22 +27,7 @@ public class GroupTransferTests
 
     private static readonly TransferPlan Plan = TransferPlan.Create(Model, 1, 2, bucketBytes: 2048);
 
-    /// <summary>What destination <paramref name="d"/> must hold of <paramref name="model"/>, made with the plan's pack and unpack runs on the CPU.</summary>
-    private static byte[] Share(byte[] model, int d)
-    {
-        RegionLayout source = Plan.SourceLayout(), layout = Plan.DestinationLayout(d);
-        byte[] held = new byte[layout.Length];
-        foreach (Transfer t in Plan.Transfers.Where(t => t.Destinations.Contains(d)))
-            for (int b = 0; b < t.Buckets.Buckets.Count; b++)
-            {
-                byte[] bucket = new byte[t.Buckets.Buckets[b].Bytes];
-                foreach (CopyRun run in TransferPlan.PackRuns(t, b, source))
-                    model.AsSpan((int)run.From, (int)run.Bytes).CopyTo(bucket.AsSpan((int)run.To));
-                foreach (CopyRun run in TransferPlan.UnpackRuns(t, b, layout))
-                    bucket.AsSpan((int)run.From, (int)run.Bytes).CopyTo(held.AsSpan((int)run.To));
-            }
-        return held;
-    }
+    private static byte[] Share(byte[] model, int d) => Shares.Of(Plan, model, d);
 
     private static SwapGroupConfig Config()
     {
@@ -54,34 +39,23 @@ public class GroupTransferTests
     private static Exception?[] Update(PublisherClient[] publishers, byte[] model, ulong version, int? failAfter = null)
     {
         SwapGroupConfig config = Config();
-        var failures = new Exception?[3];
-        var threads = Enumerable.Range(0, 3).Select(member => new Thread(() =>
+        return Threads.Run(3, member =>
         {
-            try
+            using SwapGroup group = SwapGroup.Form(config, member, _ => new HostBackend());
+            group.RunOnEachRank(local =>
             {
-                using SwapGroup group = SwapGroup.Form(config, member, _ => new HostBackend());
-                group.RunOnEachRank(local =>
+                if (member == 0)
                 {
-                    if (member == 0)
-                    {
-                        using IDeviceBuffer region = local.Backend.Allocate(model.Length);
-                        local.Backend.Upload(model, region);
-                        ICollective link = failAfter is int n ? new GivesUp(local.Collective, n) : local.Collective;
-                        using var executor = new PlanExecutor(Plan, local.Backend, link);
-                        return executor.Run(region, version: version);
-                    }
-                    using var receiver = ReceivingPublisher.Over(publishers[member - 1], Plan, PlanRanks.Separate(Plan), member - 1, local.Backend, local.Collective);
-                    return receiver.Receive();
-                });
-            }
-            catch (Exception e)
-            {
-                failures[member] = e;
-            }
-        }) { IsBackground = true }).ToList();
-        threads.ForEach(t => t.Start());
-        threads.ForEach(t => t.Join());
-        return failures;
+                    using IDeviceBuffer region = local.Backend.Allocate(model.Length);
+                    local.Backend.Upload(model, region);
+                    ICollective link = failAfter is int n ? new GivesUp(local.Collective, n) : local.Collective;
+                    using var executor = new PlanExecutor(Plan, local.Backend, link);
+                    return executor.Run(region, version: version);
+                }
+                using var receiver = ReceivingPublisher.Over(publishers[member - 1], Plan, PlanRanks.Separate(Plan), member - 1, local.Backend, local.Collective);
+                return receiver.Receive();
+            });
+        });
     }
 
     private static void StepUntil(TestAgent agent, ConsumerClient consumer, ulong version) =>

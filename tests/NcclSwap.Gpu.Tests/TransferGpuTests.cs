@@ -46,6 +46,14 @@ public class TransferGpuTests
         return (held, report);
     }
 
+    /// <summary>What the host backend's run of the same plan leaves at the destination: the reference the GPU runs are held to.</summary>
+    private static byte[] OnHost(TransferPlan plan, byte[] model, byte[] start)
+    {
+        using var host = new HostBackend();
+        using ICollective alone = host.JoinCollective(host.CreateCollectiveId(), 0, 1, Deadline);
+        return RunOne(host, alone, plan, model, start).Held;
+    }
+
     [Fact]
     public void One_rank_runs_sends_to_itself_a_broadcast_an_all_gather_and_a_split_subset_through_nccl()
     {
@@ -70,10 +78,7 @@ public class TransferGpuTests
         byte[] model = TestData.Random((int)plan.SourceLayout().Length, seed);
         byte[] start = TestData.Random((int)plan.DestinationLayout(0).Length, seed + 1);
 
-        byte[] expected;
-        using (var host = new HostBackend())
-        using (ICollective alone = host.JoinCollective(host.CreateCollectiveId(), 0, 1, Deadline))
-            expected = RunOne(host, alone, plan, model, start).Held;
+        byte[] expected = OnHost(plan, model, start);
 
         using var backend = new CudaBackend(0);
         using var collective = new FlakyCollective(backend.JoinCollective(backend.CreateCollectiveId(), 0, 1, Deadline), backend);
@@ -91,9 +96,7 @@ public class TransferGpuTests
         byte[] changed = (byte[])model.Clone();
         TensorPlacement o = plan.SourceLayout()["model.layers.0.self_attn.o_proj.weight"];
         TestData.Random((int)o.Bytes, seed + 2).CopyTo(changed, o.Offset);
-        using (var host = new HostBackend())
-        using (ICollective alone = host.JoinCollective(host.CreateCollectiveId(), 0, 1, Deadline))
-            expected = RunOne(host, alone, plan, changed, held).Held;
+        expected = OnHost(plan, changed, held);
         collective.CorruptReceives(1);
         var (third, report3) = RunOne(backend, collective, plan, changed, again, second);
         Assert.True(expected.AsSpan().SequenceEqual(third), $"after a change and a spoiled bucket (seed {seed})");
@@ -112,10 +115,7 @@ public class TransferGpuTests
         TransferPlan plan = TransferPlan.Create(Layout, 1, 8, bucketBytes: 1 << 20).ForDestination(5);
         byte[] model = TestData.Random((int)plan.SourceLayout().Length, seed);
         byte[] start = TestData.Random((int)plan.DestinationLayout(0).Length, seed + 1);
-        byte[] expected;
-        using (var host = new HostBackend())
-        using (ICollective alone = host.JoinCollective(host.CreateCollectiveId(), 0, 1, Deadline))
-            expected = RunOne(host, alone, plan, model, start).Held;
+        byte[] expected = OnHost(plan, model, start);
 
         using SwapGroup group = SwapGroup.Form(config, 0, device => new CudaBackend(device));
         Assert.Equal("cuda", group.Ranks[0].Backend.Kind);
@@ -134,10 +134,7 @@ public class TransferGpuTests
         TransferPlan plan = TransferPlan.Create(Layout, 1, 4, bucketBytes: 1 << 20).ForDestination(2);
         byte[] model = TestData.Random((int)plan.SourceLayout().Length, seed);
         byte[] start = TestData.Random((int)plan.DestinationLayout(0).Length, seed + 1);
-        byte[] expected;
-        using (var host = new HostBackend())
-        using (ICollective alone = host.JoinCollective(host.CreateCollectiveId(), 0, 1, Deadline))
-            expected = RunOne(host, alone, plan, model, start).Held;
+        byte[] expected = OnHost(plan, model, start);
 
         using var backend = new CudaBackend(0);
         using ICollective collective = backend.JoinCollective(backend.CreateCollectiveId(), 0, 1, Deadline);

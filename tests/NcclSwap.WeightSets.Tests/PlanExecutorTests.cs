@@ -17,39 +17,28 @@ public class PlanExecutorTests
         int size = plan.Sources + plan.Destinations;
         regions ??= Enumerable.Range(0, size).Select(r => r < plan.Sources ? model : TestData.Random((int)plan.DestinationLayout(r - plan.Sources).Length, r)).ToArray();
         var reports = new TransferReport?[size];
-        var failures = new Exception?[size];
         string id = HostCollective.CreateId();
-        // A thread of its own per rank, started at once (pool threads may come late, past a short deadline).
-        var threads = Enumerable.Range(0, size).Select(rank => new Thread(() => RunRank(rank)) { IsBackground = true }).ToList();
-        threads.ForEach(t => t.Start());
-        threads.ForEach(t => t.Join());
+        Exception?[] failures = Threads.Run(size, RunRank);
         return new Outcome(regions, reports, failures);
 
         void RunRank(int rank)
         {
-            try
+            if (rank == absent)
             {
-                if (rank == absent)
-                {
-                    // Joins, then never takes part (a stalled or dead rank), until the others have given up.
-                    using var idle = new HostBackend();
-                    using ICollective joined = idle.JoinCollective(id, rank, size, timeout ?? Generous);
-                    Thread.Sleep(3 * (timeout ?? Generous));
-                    return;
-                }
-                using var backend = new HostBackend();
-                using var collective = new FlakyCollective(backend.JoinCollective(id, rank, size, timeout ?? Generous), backend);
-                faults?.Invoke(rank, collective);
-                using IDeviceBuffer region = backend.Allocate(regions[rank].Length);
-                backend.Upload(regions[rank], region);
-                using var executor = new PlanExecutor(plan, backend, collective);
-                reports[rank] = executor.Run(region, previous?[rank]);
-                backend.Download(region, 0, regions[rank] = new byte[regions[rank].Length]);
+                // Joins, then never takes part (a stalled or dead rank), until the others have given up.
+                using var idle = new HostBackend();
+                using ICollective joined = idle.JoinCollective(id, rank, size, timeout ?? Generous);
+                Thread.Sleep(3 * (timeout ?? Generous));
+                return;
             }
-            catch (Exception e)
-            {
-                failures[rank] = e;
-            }
+            using var backend = new HostBackend();
+            using var collective = new FlakyCollective(backend.JoinCollective(id, rank, size, timeout ?? Generous), backend);
+            faults?.Invoke(rank, collective);
+            using IDeviceBuffer region = backend.Allocate(regions[rank].Length);
+            backend.Upload(regions[rank], region);
+            using var executor = new PlanExecutor(plan, backend, collective);
+            reports[rank] = executor.Run(region, previous?[rank]);
+            backend.Download(region, 0, regions[rank] = new byte[regions[rank].Length]);
         }
     }
 
@@ -148,30 +137,20 @@ public class PlanExecutorTests
         int size = plan.Destinations;
         var ranks = new PlanRanks([0], Enumerable.Range(0, size).ToArray());
         var reports = new TransferReport[size];
-        var failures = new Exception?[size];
         string id = HostCollective.CreateId();
-        var threads = Enumerable.Range(0, size).Select(rank => new Thread(() =>
+        Exception?[] failures = Threads.Run(size, rank =>
         {
-            try
-            {
-                using var backend = new HostBackend();
-                using ICollective collective = backend.JoinCollective(id, rank, size, Generous);
-                using IDeviceBuffer? source = rank == 0 ? backend.Allocate(model.Length) : null;
-                using IDeviceBuffer destination = backend.Allocate(held[rank].Length);
-                if (source is not null)
-                    backend.Upload(model, source);
-                backend.Upload(held[rank], destination);
-                using var executor = new PlanExecutor(plan, backend, collective, ranks) { SkipUnchanged = skip, InPlace = inPlace };
-                reports[rank] = executor.Run(source, destination, previous?[rank]);
-                backend.Download(destination, 0, held[rank] = new byte[held[rank].Length]);
-            }
-            catch (Exception e)
-            {
-                failures[rank] = e;
-            }
-        }) { IsBackground = true }).ToList();
-        threads.ForEach(t => t.Start());
-        threads.ForEach(t => t.Join());
+            using var backend = new HostBackend();
+            using ICollective collective = backend.JoinCollective(id, rank, size, Generous);
+            using IDeviceBuffer? source = rank == 0 ? backend.Allocate(model.Length) : null;
+            using IDeviceBuffer destination = backend.Allocate(held[rank].Length);
+            if (source is not null)
+                backend.Upload(model, source);
+            backend.Upload(held[rank], destination);
+            using var executor = new PlanExecutor(plan, backend, collective, ranks) { SkipUnchanged = skip, InPlace = inPlace };
+            reports[rank] = executor.Run(source, destination, previous?[rank]);
+            backend.Download(destination, 0, held[rank] = new byte[held[rank].Length]);
+        });
         Assert.All(failures, f => Assert.Null(f));
         return (held, reports);
     }
@@ -295,35 +274,25 @@ public class PlanExecutorTests
         byte[] model = TestData.Random((int)plan.SourceLayout().Length, 5);
         byte[] start = TestData.Random((int)plan.DestinationLayout(0).Length, 6);
         string id = HostCollective.CreateId();
-        var failures = new Exception?[2];
         byte[] after = [];
-        var threads = Enumerable.Range(0, 2).Select(rank => new Thread(() =>
+        Exception?[] failures = Threads.Run(2, rank =>
         {
+            using var backend = new HostBackend();
+            using ICollective collective = backend.JoinCollective(id, rank, 2, Generous);
+            byte[] bytes = rank == 0 ? model : start;
+            using IDeviceBuffer region = backend.Allocate(bytes.Length);
+            backend.Upload(bytes, region);
             try
             {
-                using var backend = new HostBackend();
-                using ICollective collective = backend.JoinCollective(id, rank, 2, Generous);
-                byte[] bytes = rank == 0 ? model : start;
-                using IDeviceBuffer region = backend.Allocate(bytes.Length);
-                backend.Upload(bytes, region);
-                try
-                {
-                    using var executor = new PlanExecutor(rank == 0 ? plan : other, backend, collective);
-                    executor.Run(region);
-                }
-                finally
-                {
-                    if (rank == 1)
-                        backend.Download(region, 0, after = new byte[bytes.Length]);
-                }
+                using var executor = new PlanExecutor(rank == 0 ? plan : other, backend, collective);
+                executor.Run(region);
             }
-            catch (Exception e)
+            finally
             {
-                failures[rank] = e;
+                if (rank == 1)
+                    backend.Download(region, 0, after = new byte[bytes.Length]);
             }
-        }) { IsBackground = true }).ToList();
-        threads.ForEach(t => t.Start());
-        threads.ForEach(t => t.Join());
+        });
         Assert.Contains("rank 1 runs another transfer plan", Assert.IsType<InvalidOperationException>(failures[0]).Message);
         Assert.Contains("rank 0 runs another transfer plan", Assert.IsType<InvalidOperationException>(failures[1]).Message);
         Assert.Equal(start, after);

@@ -91,21 +91,8 @@ public class SwapGroupTests
         try
         {
             SwapGroupConfig config = SwapGroupConfig.Load(WriteConfig(folder, 3));
-            var failures = new Exception?[2];
             var clock = System.Diagnostics.Stopwatch.StartNew();
-            var threads = Enumerable.Range(0, 2).Select(m => new Thread(() =>
-            {
-                try
-                {
-                    SwapGroup.Form(config, m, _ => new HostBackend()).Dispose();
-                }
-                catch (Exception e)
-                {
-                    failures[m] = e;
-                }
-            })).ToList();
-            threads.ForEach(t => t.Start());
-            threads.ForEach(t => t.Join());
+            Exception?[] failures = Threads.Run(2, m => SwapGroup.Form(config, m, _ => new HostBackend()).Dispose());
             Assert.True(clock.Elapsed < TimeSpan.FromSeconds(20), $"took {clock.Elapsed}");
             foreach (Exception? failure in failures)
                 Assert.Contains("member 2 (gamma, ranks 3..3) did not report within 3 s", Assert.IsType<CollectiveException>(failure).Message);
@@ -126,22 +113,13 @@ public class SwapGroupTests
             SwapGroupConfig config = SwapGroupConfig.Load(path);
             var other = new SwapGroupConfig(config.Name, config.Root, [config.Members[0], new SwapGroupMember("beta", [0]), config.Members[2]], config.Timeout);
             var renamed = new SwapGroupConfig("job-8", config.Root, config.Members, config.Timeout);
-            var failures = new Exception?[3];
-            var threads = new[] { (config, 0), (other, 1), (renamed, 2) }.Select((x, i) => new Thread(() =>
+            SwapGroupConfig[] configs = [config, other, renamed];
+            Exception?[] failures = Threads.Run(3, m =>
             {
-                try
-                {
-                    if (i > 0)
-                        Thread.Sleep(300); // the root listens first, so that these two are answered, not left to time out
-                    SwapGroup.Form(x.Item1, x.Item2, _ => new HostBackend()).Dispose();
-                }
-                catch (Exception e)
-                {
-                    failures[i] = e;
-                }
-            })).ToList();
-            threads.ForEach(t => t.Start());
-            threads.ForEach(t => t.Join());
+                if (m > 0)
+                    Thread.Sleep(300); // the root listens first, so that these two are answered, not left to time out
+                SwapGroup.Form(configs[m], m, _ => new HostBackend()).Dispose();
+            });
             Assert.Contains("member 1 (beta;", Assert.IsType<CollectiveException>(failures[1]).Message);
             Assert.Contains("drives devices [0]; the configuration says [0, 1]", failures[1]!.Message);
             Assert.Contains("reports for group 'job-8', this is 'job-7'", Assert.IsType<CollectiveException>(failures[2]).Message);
@@ -199,9 +177,7 @@ public class SwapGroupTests
         {
             SwapGroupConfig config = SwapGroupConfig.Load(WriteConfig(folder, 10));
             var groups = new SwapGroup?[3];
-            var threads = Enumerable.Range(0, 3).Select(m => new Thread(() => groups[m] = SwapGroup.Form(config, m, _ => new HostBackend()))).ToList();
-            threads.ForEach(t => t.Start());
-            threads.ForEach(t => t.Join());
+            Assert.All(Threads.Run(3, m => groups[m] = SwapGroup.Form(config, m, _ => new HostBackend())), f => Assert.Null(f));
             Assert.All(groups, g => Assert.NotNull(g));
             Assert.Equal([1, 2], groups[1]!.Ranks.Select(r => r.Rank));
             Assert.Equal([0, 1], groups[1]!.Ranks.Select(r => r.Device));
