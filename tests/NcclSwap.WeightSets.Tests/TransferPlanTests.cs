@@ -206,6 +206,31 @@ public class TransferPlanTests
     }
 
     [Fact]
+    public void A_plan_for_some_destinations_gives_each_the_same_buckets_and_broadcasts_only_among_them()
+    {
+        ModelLayout layout = ModelLayout.Load(Path.Combine(AppContext.BaseDirectory, "layouts", "llama-3-8b.json"));
+        TransferPlan whole = TransferPlan.Create(layout, 1, 4, bucketBytes: 64 << 20);
+        TransferPlan some = whole.ForDestinations([3, 1]);
+        Assert.Equal(2, some.Destinations);
+        Assert.Equal([whole.ReceivedBytes()[3], whole.ReceivedBytes()[1]], some.ReceivedBytes());
+        for (int i = 0; i < 2; i++)
+        {
+            int d = new[] { 3, 1 }[i];
+            var mine = some.Transfers.Where(t => t.Destinations.Contains(i)).SelectMany(t => t.Buckets.Buckets.Select(b => (b.Bytes, string.Join(",", t.Parts.Select(p => p.Key))))).ToList();
+            var theirs = whole.Transfers.Where(t => t.Destinations.Contains(d)).SelectMany(t => t.Buckets.Buckets.Select(b => (b.Bytes, string.Join(",", t.Parts.Select(p => p.Key))))).ToList();
+            Assert.Equal(theirs, mine);
+            Assert.Equal(whole.DestinationLayout(d).Length, some.DestinationLayout(i).Length);
+        }
+        // Replicated tensors went to all four by broadcast; now to the two; a shard of one of them alone is a send.
+        Assert.Contains(some.Transfers, t => t.IsBroadcast && t.Destinations.SequenceEqual([0, 1]));
+        Assert.Contains(some.Transfers, t => !t.IsBroadcast);
+        Assert.DoesNotContain(some.Transfers, t => t.Destinations.Count == 0);
+        Assert.Equal(whole.ForDestination(1).ToJson(parts: true), whole.ForDestinations([1]).ToJson(parts: true));
+        Assert.Throws<ArgumentException>(() => whole.ForDestinations([1, 1]));
+        Assert.Throws<ArgumentOutOfRangeException>(() => whole.ForDestinations([4]));
+    }
+
+    [Fact]
     public void The_shipped_layouts_hold_their_models_and_tp8_destinations_get_an_eighth()
     {
         ModelLayout llama = ModelLayout.Load(Path.Combine(AppContext.BaseDirectory, "layouts", "llama-3-8b.json"));

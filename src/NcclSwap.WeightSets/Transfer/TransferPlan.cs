@@ -117,12 +117,27 @@ public sealed class TransferPlan
     /// reach it, each with its parts and buckets as they are (so the same bytes in the same buckets), sent to it alone.
     /// One GPU of a tensor-parallel group, run on its own (a single-GPU machine, a benchmark of one rank's share).
     /// </summary>
-    public TransferPlan ForDestination(int destination)
+    public TransferPlan ForDestination(int destination) => ForDestinations([destination]);
+
+    /// <summary>
+    /// What <paramref name="destinations"/> receive, as a plan whose destination i is <c>destinations[i]</c> here: the
+    /// transfers that reach any of them, with their parts and buckets as they are, sent to those of them it reaches
+    /// (a broadcast to fewer, or a send where one is left). Part of a tensor-parallel group on fewer GPUs than it has.
+    /// </summary>
+    public TransferPlan ForDestinations(IReadOnlyList<int> destinations)
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(destination);
-        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(destination, Destinations);
-        var transfers = Transfers.Where(t => t.Destinations.Contains(destination)).Select(t => t with { Destinations = [0] }).ToList();
-        return new TransferPlan(Layout, Sources, 1, BucketBytes, transfers);
+        ArgumentOutOfRangeException.ThrowIfZero(destinations.Count);
+        foreach (int d in destinations)
+        {
+            ArgumentOutOfRangeException.ThrowIfNegative(d);
+            ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(d, Destinations);
+        }
+        if (destinations.Distinct().Count() != destinations.Count)
+            throw new ArgumentException($"destinations {string.Join(", ", destinations)} name one twice", nameof(destinations));
+        var transfers = Transfers
+            .Select(t => t with { Destinations = destinations.Select((d, i) => (d, i)).Where(x => t.Destinations.Contains(x.d)).Select(x => x.i).ToArray() })
+            .Where(t => t.Destinations.Count > 0).ToList();
+        return new TransferPlan(Layout, Sources, destinations.Count, BucketBytes, transfers);
     }
 
     /// <summary>
