@@ -148,7 +148,9 @@ public sealed unsafe class NcclCommunicator : GpuOwner
     /// non-blocking communicator is usually in progress for some microseconds after it ends, so the first
     /// milliseconds spin (a 1 ms sleep per group would cap a stream of 256 MiB buckets at a fraction of NVLink).
     /// </summary>
-    public void WaitReady(TimeSpan timeout, string what)
+    /// <paramref name="giveUp"/>, polled as well, ends the wait early (aborting the communicator) when it returns a reason:
+    /// it throws <see cref="OperationCanceledException"/> with it.
+    public void WaitReady(TimeSpan timeout, string what, Func<string?>? giveUp = null)
     {
         var clock = Stopwatch.StartNew();
         var spinner = new SpinWait();
@@ -157,6 +159,11 @@ public sealed unsafe class NcclCommunicator : GpuOwner
             NcclResult state = GetAsyncError();
             if (state == NcclResult.Success)
                 return;
+            if (giveUp?.Invoke() is { } reason)
+            {
+                Abort();
+                throw new OperationCanceledException($"NCCL {what} ended: {reason}; the communicator was aborted.");
+            }
             if (state != NcclResult.InProgress)
             {
                 string? last = Marshal.PtrToStringUTF8(Interop.Nccl.GetLastError(Comm));

@@ -322,6 +322,7 @@ internal static class BackendConformance
             new(From: 1_048_576 + 3, FromPitch: 1000, To: 600_001, ToPitch: 384, Bytes: 384, Rows: 700),
             new(From: 2_000_000, FromPitch: 0, To: 900_000, ToPitch: 0, Bytes: 123_457, Rows: 1), // a plain run
             new(From: 2_500_001, FromPitch: 96, To: 1_500_000, ToPitch: 200, Bytes: 24, Rows: 4000), // strided on both sides
+            new(From: 2_600_000, FromPitch: 50_000, To: 2_700_000, ToPitch: 40_016, Bytes: 40_000, Rows: 3), // rows longer than a kernel's chunk
         ];
         byte[] expected = (byte[])destination.Clone();
         foreach (StridedCopy copy in copies)

@@ -170,6 +170,38 @@ public class SwapGroupTests
     }
 
     [Fact]
+    public void A_member_stopped_mid_transfer_is_named_by_every_other_member_before_the_deadline()
+    {
+        int seed = TestData.NewSeed();
+        string folder = Directory.CreateTempSubdirectory("nccl-swap-group-").FullName;
+        var peers = new List<PeerProcess>();
+        try
+        {
+            // A 16 s deadline: the group's watch declares a member silent after 8 s, long before a wait gives up.
+            string config = WriteConfig(folder, 16);
+            for (int member = 0; member < 3; member++)
+                peers.Add(GroupPeer.Start(config, member, 2, 2, seed, folder, slow: member == 2));
+            peers[2].WaitForLine("received 2", Generous);
+            using (var stop = System.Diagnostics.Process.Start("kill", ["-STOP", $"{peers[2].Process.Id}"]))
+                stop.WaitForExit();
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            foreach (int member in new[] { 0, 1 })
+            {
+                Assert.Equal(3, peers[member].WaitForExit(Generous));
+                string failed = peers[member].WaitForLine("failed: ", Generous);
+                Assert.Contains("rank 3 (member 2 on gamma", failed);
+                Assert.Contains("sent nothing for", failed);
+            }
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(14), $"the members took {clock.Elapsed} to name the stopped one; the deadline is 16 s");
+        }
+        finally
+        {
+            peers.ForEach(p => p.Dispose());
+            Directory.Delete(folder, recursive: true);
+        }
+    }
+
+    [Fact]
     public void A_group_aborted_after_a_failure_refuses_work_until_it_is_formed_again()
     {
         string folder = Directory.CreateTempSubdirectory("nccl-swap-group-").FullName;

@@ -40,6 +40,13 @@ public interface IBackend : IDisposable
     /// </summary>
     IDeviceBuffer OpenIpc(CuIpcMemHandle handle, long offset, long length, string name);
 
+    /// <summary>
+    /// The CUDA IPC handle of the allocation that holds <paramref name="buffer"/> (from <see cref="Allocate"/>) and the
+    /// buffer's offset in it, for another process to open with <see cref="OpenIpc"/>. Throws
+    /// <see cref="NotSupportedException"/> on a backend without a GPU and <see cref="ArgumentException"/> for host memory.
+    /// </summary>
+    (CuIpcMemHandle Handle, long Offset) ExportIpc(IDeviceBuffer buffer);
+
     /// <summary>Free and total device memory now, for placement decisions; null where "device" memory is host memory.</summary>
     (long Free, long Total)? DeviceMemory { get; }
 
@@ -61,6 +68,12 @@ public interface IBackend : IDisposable
         }
         return Digests(source, runs.Select(r => (r.From, r.Bytes)).ToList());
     }
+
+    /// <summary>
+    /// Digests (and digesting copies) enqueued on <paramref name="stream"/> and collected later in one wait; the GPU
+    /// backend computes them on the GPU in stream order, others as they are enqueued.
+    /// </summary>
+    IDigestQueue CreateDigestQueue(ICopyStream stream) => new ImmediateDigestQueue(this, stream);
 
     /// <summary>Copies host bytes into a device buffer and waits for the copy.</summary>
     void Upload(ReadOnlySpan<byte> source, IDeviceBuffer destination, long offset = 0);
@@ -204,7 +217,20 @@ public interface ICollective : IDisposable
     /// runs as NCCL's own); elsewhere the subset runs its operations as sends and receives of this one.
     /// </summary>
     ICollective? Subset(IReadOnlyList<int> ranks) => RankSubset.Of(this, ranks);
+
+    /// <summary>
+    /// From now on this collective's waits (and those of subsets made from it later) poll <paramref name="lost"/> and,
+    /// once it names a rank known to be gone (a swap group's watch over its members), end with a
+    /// <see cref="CollectiveException"/> naming that rank instead of waiting out their deadline. Collectives that
+    /// finish their operations as they are issued have nothing to end.
+    /// </summary>
+    void WatchPeers(Func<PeerLoss?> lost)
+    {
+    }
 }
+
+/// <summary>Rank <paramref name="Rank"/> is gone; <paramref name="Why"/> says who it was and what was seen.</summary>
+public sealed record PeerLoss(int Rank, string Why);
 
 /// <summary>A collective failed or missed its deadline; <see cref="Peer"/> names the rank at fault when known.</summary>
 public sealed class CollectiveException(string message, int? peer, Exception? inner = null) : Exception(message, inner)

@@ -13,6 +13,7 @@ public sealed class CudaBackend : IBackend
 
     private readonly Lock _digestLock = new();
     private GpuDigest? _digest;
+    private StridedCopyKernel? _strided;
     private CudaStream? _digestStream;
 
     public CudaContext Context { get; }
@@ -53,6 +54,14 @@ public sealed class CudaBackend : IBackend
 
     public (long Free, long Total)? DeviceMemory => Context.MemoryInfo;
 
+    public (CuIpcMemHandle Handle, long Offset) ExportIpc(IDeviceBuffer buffer)
+    {
+        CudaDeviceBuffer device = Backend.As<CudaDeviceBuffer>(buffer, Kind);
+        if (device.OnHost)
+            throw new ArgumentException($"{buffer} is host memory mapped for the GPU; CUDA IPC exports device allocations only", nameof(buffer));
+        return device.Buffer.ExportIpcHandle();
+    }
+
     public Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges)
     {
         // A segmented buffer's ranges each lie in one of its segments: one batch for all of them all the same.
@@ -70,6 +79,8 @@ public sealed class CudaBackend : IBackend
         }
         return digests;
     }
+
+    public IDigestQueue CreateDigestQueue(ICopyStream stream) => new CudaDigestQueue(this, Backend.As<CudaCopyStream>(stream, Kind));
 
     /// <summary>
     /// Runs between device memory (16-byte aligned) are copied by the digest kernel as it hashes them, all in one
@@ -112,6 +123,16 @@ public sealed class CudaBackend : IBackend
         }
     }
 
+    /// <summary>The strided copy kernel, loaded on first use.</summary>
+    internal StridedCopyKernel Strided
+    {
+        get
+        {
+            lock (_digestLock)
+                return _strided ??= new StridedCopyKernel(Context);
+        }
+    }
+
     /// <summary>Whether the copy kernel moves these bytes: device memory on both sides (host memory goes over the copy engines), aligned.</summary>
     internal static bool KernelCopies(CudaDeviceBuffer to, CudaDeviceBuffer from, ulong destination, ulong source) =>
         !to.OnHost && !from.OnHost && GpuDigest.CanCopy(destination, source);
@@ -129,6 +150,7 @@ public sealed class CudaBackend : IBackend
 
     public void Dispose()
     {
+        _strided?.Dispose();
         _digest?.Dispose();
         _digestStream?.Dispose();
         PinnedPool.Dispose();
@@ -186,10 +208,14 @@ internal sealed class CudaCopyStream(CudaStream stream, CudaBackend backend) : I
             backend.Kernels.EnqueueCopy(batch, Stream);
     }
 
-    /// <summary>Single rows join the copy kernel's batch; each copy of several rows is one 2-D copy on the copy engines.</summary>
+    /// <summary>
+    /// Single rows join the copy kernel's batch; copies of several rows between device memory go to the strided copy
+    /// kernel in one launch, those touching host memory are one 2-D copy each on the copy engines.
+    /// </summary>
     public void CopyAsync(IDeviceBuffer destination, IDeviceBuffer source, IReadOnlyList<StridedCopy> copies)
     {
         var single = new List<CopyRun>();
+        var strided = new List<(ulong To, long ToPitch, ulong From, long FromPitch, long Bytes, long Rows)>();
         foreach (StridedCopy copy in copies)
         {
             if (copy.Rows <= 1 || copy.Bytes == 0 || copy.FromPitch > int.MaxValue || copy.ToPitch > int.MaxValue)
@@ -200,8 +226,14 @@ internal sealed class CudaCopyStream(CudaStream stream, CudaBackend backend) : I
             long toSpan = (copy.Rows - 1) * copy.ToPitch + copy.Bytes, fromSpan = (copy.Rows - 1) * copy.FromPitch + copy.Bytes;
             (IDeviceBuffer to, long at) = SegmentedBuffer.Resolve(destination, copy.To, toSpan);
             (IDeviceBuffer from, long offset) = SegmentedBuffer.Resolve(source, copy.From, fromSpan);
-            Stream.CopyAsync(CudaBackend.AsCuda(to), at, copy.ToPitch, CudaBackend.AsCuda(from), offset, copy.FromPitch, copy.Bytes, copy.Rows);
+            CudaDeviceBuffer target = CudaBackend.AsCudaBuffer(to), origin = CudaBackend.AsCudaBuffer(from);
+            if (!target.OnHost && !origin.OnHost)
+                strided.Add((target.Buffer.At(at, toSpan), copy.ToPitch, origin.Buffer.At(offset, fromSpan), copy.FromPitch, copy.Bytes, copy.Rows));
+            else
+                Stream.CopyAsync(target.Buffer, at, copy.ToPitch, origin.Buffer, offset, copy.FromPitch, copy.Bytes, copy.Rows);
         }
+        if (strided.Count > 0)
+            backend.Strided.Enqueue(strided, Stream);
         if (single.Count > 0)
             CopyAsync(destination, source, single);
     }
@@ -253,6 +285,7 @@ internal sealed class NcclCollective : ICollective
     private readonly TimeSpan _timeout;
     private readonly int[] _names;
     private int _groupDepth;
+    private Func<PeerLoss?>? _lost;
 
     private NcclCollective(NcclCommunicator comm, int rank, int size, TimeSpan timeout, int[]? names = null)
     {
@@ -325,6 +358,11 @@ internal sealed class NcclCollective : ICollective
         var spinner = new SpinWait();
         while (!done.IsComplete)
         {
+            if (_lost?.Invoke() is { } loss)
+            {
+                Abort();
+                throw new CollectiveException($"rank {_names[Rank]}: {what} ended{waitingOn}: {loss.Why}; the communicator was aborted", loss.Rank);
+            }
             NcclResult state = _comm.GetAsyncError();
             if (state is not NcclResult.Success and not NcclResult.InProgress)
             {
@@ -358,8 +396,12 @@ internal sealed class NcclCollective : ICollective
         {
             throw new CollectiveException($"rank {_names[Rank]}: splitting ranks [{string.Join(", ", ranks.Select(r => _names[r]))}] off failed: {e.Message}", null, e);
         }
-        return split is null ? null : new NcclCollective(split, place, ranks.Count, _timeout, [.. ranks.Select(r => _names[r])]);
+        return split is null ? null : new NcclCollective(split, place, ranks.Count, _timeout, [.. ranks.Select(r => _names[r])]) { _lost = _lost };
     }
+
+    public void WatchPeers(Func<PeerLoss?> lost) => _lost = lost;
+
+    private string? GiveUp() => _lost?.Invoke()?.Why;
 
     public void Abort() => _comm.Abort();
 
@@ -372,7 +414,11 @@ internal sealed class NcclCollective : ICollective
         {
             call();
             if (_groupDepth == 0 && operation != "group")
-                _comm.WaitReady(_timeout, operation); // outside a group, a non-blocking call may still be in progress: NCCL takes no other call until it is not
+                _comm.WaitReady(_timeout, operation, GiveUp); // outside a group, a non-blocking call may still be in progress: NCCL takes no other call until it is not
+        }
+        catch (OperationCanceledException e)
+        {
+            throw new CollectiveException($"rank {_names[Rank]}: {e.Message}", _lost?.Invoke()?.Rank, e);
         }
         catch (TimeoutException e)
         {
@@ -389,7 +435,11 @@ internal sealed class NcclCollective : ICollective
     {
         try
         {
-            _comm.WaitReady(_timeout, "group");
+            _comm.WaitReady(_timeout, "group", GiveUp);
+        }
+        catch (OperationCanceledException e)
+        {
+            throw new CollectiveException($"rank {_names[Rank]}: {e.Message}", _lost?.Invoke()?.Rank, e);
         }
         catch (TimeoutException e)
         {

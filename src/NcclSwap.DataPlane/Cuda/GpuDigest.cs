@@ -82,22 +82,54 @@ public sealed class GpuDigest : IDisposable
 
     private readonly record struct Range(ulong Source, ulong Destination, long Length);
 
-    /// <summary>Leaves of every range (copying those with a destination), then their levels a level at a time, each root landing in word i of the scratch memory.</summary>
+    /// <summary>Leaves of every range (copying those with a destination), then their levels; waits and returns the digests.</summary>
     private Digest[] Run(List<Range> ranges, CudaStream stream)
     {
         int n = ranges.Count;
         if (n == 0)
             return [];
+        long work = WorkWords(ranges.Select(r => r.Length));
+        EnsureScratch(n + work);
+        Enqueue(ranges, stream, _scratch!.Address + (ulong)n * 8, _scratch.Address); // the roots come first
+        var roots = new ulong[n];
+        stream.Synchronize();
+        _scratch.CopyTo(MemoryMarshal.AsBytes(roots.AsSpan()));
+        var digests = new Digest[n];
+        for (int i = 0; i < n; i++)
+            digests[i] = BlockDigest.FromRoot(roots[i], ranges[i].Length);
+        return digests;
+    }
+
+    /// <summary>
+    /// Enqueues the leaves and levels of every range (copying those with a destination) on <paramref name="stream"/>
+    /// and returns at once: range i's root (<see cref="BlockDigest.FromRoot"/> makes its digest) lands in the 8 bytes
+    /// at device address <paramref name="roots"/> + 8 i; <paramref name="work"/> is scratch of
+    /// <see cref="WorkWords"/> words, which the kernels use in stream order (so one scratch serves one stream).
+    /// Thread-safe: the caller's memory only.
+    /// </summary>
+    public void EnqueueRoots(IReadOnlyList<(ulong Destination, ulong Source, long Length)> ranges, CudaStream stream, ulong work, ulong roots)
+    {
+        foreach ((ulong destination, ulong source, _) in ranges)
+            if (destination != 0 && !CanCopy(destination, source))
+                throw new ArgumentException($"0x{source:x} -> 0x{destination:x}: the copy kernel needs both addresses 16-byte aligned");
+        if (ranges.Count > 0)
+            Enqueue(ranges.Select(r => new Range(r.Source, r.Destination, r.Length)).ToList(), stream, work, roots);
+    }
+
+    /// <summary>Words of scratch that <see cref="EnqueueRoots"/> needs for ranges of these lengths.</summary>
+    public static long WorkWords(IEnumerable<long> lengths) => lengths.Sum(ScratchWords);
+
+    private void Enqueue(List<Range> ranges, CudaStream stream, ulong scratch, ulong roots)
+    {
+        int n = ranges.Count;
         var next = new long[n]; // each range's next free word of scratch
-        long words = n; // the roots come first
+        long words = 0;
         for (int i = 0; i < n; i++)
         {
             next[i] = words;
             words = checked(words + ScratchWords(ranges[i].Length));
         }
-        EnsureScratch(words);
-        ulong scratch = _scratch!.Address;
-        ulong Root(int i) => scratch + (ulong)i * 8;
+        ulong Root(int i) => roots + (ulong)i * 8;
 
         var entries = new RangeEntry[n];
         var input = new ulong[n];
@@ -129,14 +161,6 @@ public sealed class GpuDigest : IDisposable
                 break;
             LaunchLevels(CollectionsMarshal.AsSpan(level), stream);
         }
-
-        var roots = new ulong[n];
-        stream.Synchronize();
-        _scratch.CopyTo(MemoryMarshal.AsBytes(roots.AsSpan()));
-        var digests = new Digest[n];
-        for (int i = 0; i < n; i++)
-            digests[i] = BlockDigest.FromRoot(roots[i], ranges[i].Length);
-        return digests;
     }
 
     private void LaunchLeaves(Span<RangeEntry> entries, CudaStream stream)

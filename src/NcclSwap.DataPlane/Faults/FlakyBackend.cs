@@ -45,6 +45,8 @@ public sealed class FlakyBackend(IBackend inner) : IBackend
 
     public IDeviceBuffer OpenIpc(CuIpcMemHandle handle, long offset, long length, string name) => Inner.OpenIpc(handle, offset, length, name);
 
+    public (CuIpcMemHandle Handle, long Offset) ExportIpc(IDeviceBuffer buffer) => Inner.ExportIpc(buffer);
+
     public (long Free, long Total)? DeviceMemory => Inner.DeviceMemory;
 
     public Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges) => Inner.Digests(buffer, ranges);

@@ -58,6 +58,8 @@ public sealed class FlakyCollective(ICollective inner, IBackend backend) : IColl
     public ICollective? Subset(IReadOnlyList<int> ranks) =>
         Inner.Subset(ranks) is { } subset ? new FlakyCollective(subset, backend) { _faults = _faults } : null;
 
+    public void WatchPeers(Func<PeerLoss?> lost) => Inner.WatchPeers(lost);
+
     public void Abort() => Inner.Abort();
 
     public void Dispose() => Inner.Dispose();

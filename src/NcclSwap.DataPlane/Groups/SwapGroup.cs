@@ -18,15 +18,27 @@ public sealed class SwapGroup : IDisposable
 {
     private const int Magic = 0x4E534752; // "NSGR"
     private readonly (string Host, int Pid)[] _table;
+    private readonly GroupWatch _watch;
     private volatile string? _broken;
 
-    private SwapGroup(SwapGroupConfig config, int member, IReadOnlyList<LocalRank> ranks, (string, int)[] table)
+    private SwapGroup(SwapGroupConfig config, int member, IReadOnlyList<LocalRank> ranks, (string, int)[] table, GroupWatch watch)
     {
         Config = config;
         Member = member;
         Ranks = ranks;
         _table = table;
+        _watch = watch;
+        foreach (LocalRank rank in ranks)
+            rank.Collective.WatchPeers(() => Lost);
     }
+
+    /// <summary>
+    /// A member found gone while the group lives (its process ended, it aborted its part, or it fell silent for half the
+    /// group's timeout), named by its first rank; the local collectives' waits end with it. Null while all are there.
+    /// </summary>
+    public PeerLoss? Lost => _watch.Lost is { } loss
+        ? new PeerLoss(Config.FirstRank[loss.Member], $"{Describe(Config.FirstRank[loss.Member])} {loss.Why}")
+        : null;
 
     public SwapGroupConfig Config { get; }
 
@@ -61,19 +73,27 @@ public sealed class SwapGroup : IDisposable
             throw new ArgumentOutOfRangeException(nameof(member), $"swap group '{config.Name}' has members 0..{config.Members.Count - 1}, not {member}");
         var backends = new List<IBackend>();
         Rendezvous? rendezvous = null;
+        GroupWatch? watch = null;
         try
         {
             foreach (int device in config.Members[member].Devices)
                 backends.Add(backendFor(device));
             if (member == 0)
                 rendezvous = new Rendezvous(config, backends[0].CreateCollectiveId());
-            (string id, (string, int)[] table) = Report(config, member);
+            (string id, (string, int)[] table, Socket link) = Report(config, member);
+            // From here the members watch over each other through the links they reported on (GroupWatch).
+            TimeSpan silence = GroupWatch.SilenceFor(config.Timeout);
+            GroupWatch.Root? root = rendezvous is null ? null : new GroupWatch.Root(rendezvous.Finish(), silence);
+            watch = new GroupWatch(link, silence, root);
             var ranks = JoinAll(config, member, backends, id, table);
             backends.Clear(); // the ranks own them now
-            return new SwapGroup(config, member, ranks, table);
+            var group = new SwapGroup(config, member, ranks, table, watch);
+            watch = null;
+            return group;
         }
         finally
         {
+            watch?.Dispose();
             rendezvous?.Dispose();
             foreach (IBackend backend in backends)
                 backend.Dispose();
@@ -122,6 +142,8 @@ public sealed class SwapGroup : IDisposable
     /// <summary>Aborts every local collective: operations in flight end here, and peers waiting on them see the links close.</summary>
     public void Abort(string why)
     {
+        if (_broken is null)
+            _watch.Abort(why); // the other members end their waits now rather than at their deadline
         _broken ??= why;
         foreach (LocalRank rank in Ranks)
         {
@@ -156,15 +178,35 @@ public sealed class SwapGroup : IDisposable
             rank.Collective.Dispose();
             rank.Backend.Dispose();
         }
+        _watch.Dispose();
     }
 
-    /// <summary>Tells the root who this member is; returns the collective's id and the member table, or throws the root's reason.</summary>
-    private static (string Id, (string Host, int Pid)[] Table) Report(SwapGroupConfig config, int member)
+    /// <summary>
+    /// Tells the root who this member is; returns the collective's id, the member table and the link to the root (kept
+    /// open for <see cref="GroupWatch"/>), or throws the root's reason.
+    /// </summary>
+    private static (string Id, (string Host, int Pid)[] Table, Socket Link) Report(SwapGroupConfig config, int member)
     {
         var clock = Stopwatch.StartNew();
         TimeSpan Left() => config.Timeout - clock.Elapsed > TimeSpan.Zero ? config.Timeout - clock.Elapsed : TimeSpan.Zero;
         Socket socket = ConnectToRoot(config, member, Left);
-        using var stream = new NetworkStream(socket, ownsSocket: true);
+        bool kept = false;
+        try
+        {
+            var report = Report(config, member, socket, Left);
+            kept = true;
+            return (report.Id, report.Table, socket);
+        }
+        finally
+        {
+            if (!kept)
+                socket.Dispose();
+        }
+    }
+
+    private static (string Id, (string Host, int Pid)[] Table) Report(SwapGroupConfig config, int member, Socket socket, Func<TimeSpan> left)
+    {
+        var stream = new NetworkStream(socket, ownsSocket: false);
         var writer = new BinaryWriter(stream, Encoding.UTF8);
         writer.Write(Magic);
         writer.Write(config.Name);
@@ -176,7 +218,7 @@ public sealed class SwapGroup : IDisposable
             writer.Write(device);
         writer.Flush();
         // The root answers once every member has reported, or at its deadline with the members still missing.
-        socket.ReceiveTimeout = (int)Math.Max(1, Left().TotalMilliseconds + 5_000);
+        socket.ReceiveTimeout = (int)Math.Max(1, left().TotalMilliseconds + 5_000);
         var reader = new BinaryReader(stream, Encoding.UTF8);
         try
         {
@@ -251,7 +293,7 @@ public sealed class SwapGroup : IDisposable
     {
         private readonly TcpListener _listener;
         private readonly CancellationTokenSource _stop = new();
-        private readonly Task _serving;
+        private readonly Task<Socket[]?> _serving;
 
         public Rendezvous(SwapGroupConfig config, string id)
         {
@@ -268,7 +310,19 @@ public sealed class SwapGroup : IDisposable
             _serving = Task.Run(() => Serve(config, id));
         }
 
-        private async Task Serve(SwapGroupConfig config, string id)
+        /// <summary>
+        /// Once this member has its answer: the links of every member, in member order, kept open for the group's watch;
+        /// the listener is closed (a group formed later listens afresh).
+        /// </summary>
+        public Socket[] Finish()
+        {
+            Socket[]? links = _serving.GetAwaiter().GetResult();
+            _listener.Stop();
+            return links ?? throw new InvalidOperationException("the rendezvous did not complete, though this member was answered");
+        }
+
+        /// <summary>Returns the members' links once all have their answer, or null when the group did not form.</summary>
+        private async Task<Socket[]?> Serve(SwapGroupConfig config, string id)
         {
             var reported = new Dictionary<int, (Socket Socket, string Host, int Pid)>();
             var waiting = new List<Socket>();
@@ -331,6 +385,10 @@ public sealed class SwapGroup : IDisposable
                 writer.Flush();
                 foreach (var (socket, _, _) in reported.Values)
                     socket.Send(table.ToArray());
+                Socket[] links = Enumerable.Range(0, config.Members.Count).Select(m => reported[m].Socket).ToArray();
+                foreach (Socket link in links)
+                    waiting.Remove(link);
+                return links;
             }
             catch (OperationCanceledException)
             {
@@ -344,11 +402,16 @@ public sealed class SwapGroup : IDisposable
             {
                 // The listener closed: the member that runs the root gave up.
             }
+            catch (ObjectDisposedException)
+            {
+                // The same, seen by a pending accept.
+            }
             finally
             {
                 foreach (Socket socket in waiting)
                     socket.Dispose();
             }
+            return null;
         }
 
         private static void Answer(Socket socket, string refusal)

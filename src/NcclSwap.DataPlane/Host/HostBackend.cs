@@ -29,6 +29,9 @@ public sealed class HostBackend : IBackend
     public IDeviceBuffer OpenIpc(CuIpcMemHandle handle, long offset, long length, string name) =>
         throw new NotSupportedException($"{name} is GPU memory (a CUDA IPC handle), which the host backend cannot open: run the agent with the cuda backend on the machine of that GPU");
 
+    public (CuIpcMemHandle Handle, long Offset) ExportIpc(IDeviceBuffer buffer) =>
+        throw new NotSupportedException($"{buffer} is host memory; only the cuda backend exports CUDA IPC handles");
+
     public (long Free, long Total)? DeviceMemory => null;
 
     public Digest[] Digests(IDeviceBuffer buffer, IReadOnlyList<(long Offset, long Length)> ranges)

@@ -22,6 +22,8 @@ public sealed class HostCollective : ICollective
     private readonly List<Transfer> _pending = [];
     private int _groupDepth;
     private volatile string? _broken;
+    private volatile PeerLoss? _lostPeer;
+    private Timer? _watch;
 
     private HostCollective(int rank, PeerInfo[] members, Socket?[] peers, TimeSpan timeout)
     {
@@ -212,7 +214,25 @@ public sealed class HostCollective : ICollective
             socket?.Dispose();
     }
 
-    public void Dispose() => Abort();
+    /// <summary>Polls <paramref name="lost"/> every 100 ms; once it names a rank, closes the links, so that transfers in flight end naming it.</summary>
+    public void WatchPeers(Func<PeerLoss?> lost)
+    {
+        _watch?.Dispose();
+        _watch = new Timer(_ =>
+        {
+            if (_lostPeer is null && lost() is { } loss)
+            {
+                _lostPeer = loss;
+                Abort();
+            }
+        }, null, TimeSpan.FromMilliseconds(100), TimeSpan.FromMilliseconds(100));
+    }
+
+    public void Dispose()
+    {
+        _watch?.Dispose();
+        Abort();
+    }
 
     private void EndGroup()
     {
@@ -312,16 +332,20 @@ public sealed class HostCollective : ICollective
         catch (Exception e) when (e is SocketException or ObjectDisposedException or IOException)
         {
             _broken ??= $"an earlier {t.Operation} with rank {t.Peer} failed";
+            if (_lostPeer is { } loss)
+                throw new CollectiveException($"rank {Rank}: {t.Operation} with rank {t.Peer} ended: {loss.Why}", loss.Rank, e);
             string what = e is SocketException { SocketErrorCode: SocketError.TimedOut or SocketError.WouldBlock }
                 ? $"rank {t.Peer} ({_members[t.Peer]}) did not {(t.Send ? "take" : "send")} {t.Operation} data within {_timeout.TotalSeconds:0.#} s"
                 : $"the link to rank {t.Peer} ({_members[t.Peer]}) failed during {t.Operation}: {e.Message}";
             Abort();
             throw new CollectiveException($"rank {Rank}: {what}", t.Peer, e);
         }
-        catch (CollectiveException)
+        catch (CollectiveException e)
         {
             _broken ??= $"an earlier {t.Operation} with rank {t.Peer} failed";
             Abort();
+            if (_lostPeer is { } loss && e.Peer != loss.Rank)
+                throw new CollectiveException($"rank {Rank}: {t.Operation} with rank {t.Peer} ended: {loss.Why}", loss.Rank, e);
             throw;
         }
     }
