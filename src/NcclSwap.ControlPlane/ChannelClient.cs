@@ -12,8 +12,19 @@ public sealed class ChannelRefusedException(string message) : Exception(message)
 /// <summary>The agent closed the session (it stopped, died, or ended the lease) while a request waited.</summary>
 public sealed class ChannelClosedException(string message) : IOException(message);
 
-/// <summary>What a client registers with its hello: where its tensors lie, and the regions (one layout for all) that hold them.</summary>
-public sealed record RegistrationRequest(RegionLayout Layout, IReadOnlyList<WeightRegion> Regions, string? Mode = null, ulong Serving = 0);
+/// <summary>
+/// What a client registers with its hello: where its tensors lie, and the regions (one layout for all) that hold them:
+/// shared memory (<paramref name="Regions"/>, sent as descriptors) or GPU memory (<paramref name="DeviceRegions"/>).
+/// </summary>
+public sealed record RegistrationRequest(RegionLayout Layout, IReadOnlyList<WeightRegion> Regions, string? Mode = null, ulong Serving = 0,
+    IReadOnlyList<DeviceRegion>? DeviceRegions = null);
+
+/// <summary>
+/// A region in GPU memory: <paramref name="Bytes"/> bytes from <paramref name="Offset"/> of the allocation that
+/// <paramref name="Handle"/> (its CUDA IPC handle) names, which the agent opens on its GPU. The owner keeps the
+/// allocation while it is registered.
+/// </summary>
+public sealed record DeviceRegion(string Name, NcclSwap.Cuda.CuIpcMemHandle Handle, long Offset, long Bytes);
 
 /// <summary>
 /// A client's session with the agent (the C# counterpart of the Python client's <c>connect</c>): the version
@@ -156,6 +167,20 @@ public sealed class ChannelClient : IDisposable
                     writer.WriteStartArray("regions");
                     foreach (WeightRegion region in registration.Regions)
                         writer.WriteStringValue(region.Name);
+                    foreach (DeviceRegion region in registration.DeviceRegions ?? [])
+                    {
+                        writer.WriteStartObject();
+                        writer.WriteString("name", region.Name);
+                        writer.WriteStartArray("cuda");
+                        writer.WriteStartObject();
+                        writer.WriteString("handle", region.Handle.ToHex());
+                        writer.WriteNumber("offset", region.Offset);
+                        writer.WriteNumber("bytes", region.Bytes);
+                        writer.WriteNumber("at", 0);
+                        writer.WriteEndObject();
+                        writer.WriteEndArray();
+                        writer.WriteEndObject();
+                    }
                     writer.WriteEndArray();
                     if (registration.Mode is not null)
                         writer.WriteString("mode", registration.Mode);

@@ -12,28 +12,34 @@ public readonly record struct PublishResult(int Status, string Detail, ulong Sta
 }
 
 /// <summary>
-/// A trainer's side: its tensors in a <see cref="WeightRegion"/> registered once with the agent, then
-/// <see cref="Publish"/> per step, which returns once the agent has its own copy (the trainer may then go on
-/// changing the tensors).
+/// A trainer's side: its tensors in a <see cref="WeightRegion"/> (or in GPU memory of its own, <see cref="ConnectDevice"/>)
+/// registered once with the agent, then <see cref="Publish"/> per step, which returns once the agent has its own copy
+/// (the trainer may then go on changing the tensors).
 /// </summary>
 public sealed class PublisherClient : IDisposable
 {
     private readonly string _socketPath;
     private readonly string _weightSet;
     private readonly TimeSpan _timeout;
+    private readonly RegistrationRequest _registration;
+    private readonly WeightRegion? _tensors;
     private ChannelClient _channel;
 
-    private PublisherClient(string socketPath, string weightSet, WeightRegion tensors, TimeSpan timeout, ChannelClient channel)
+    private PublisherClient(string socketPath, string weightSet, RegistrationRequest registration, TimeSpan timeout)
     {
         _socketPath = socketPath;
         _weightSet = weightSet;
-        Tensors = tensors;
+        _registration = registration;
+        _tensors = registration.Regions.FirstOrDefault();
         _timeout = timeout;
-        _channel = channel;
+        _channel = Register();
     }
 
-    /// <summary>Where the trainer writes the weights it publishes.</summary>
-    public WeightRegion Tensors { get; }
+    /// <summary>Where the trainer writes the weights it publishes (shared memory; see <see cref="ConnectDevice"/> for GPU memory).</summary>
+    public WeightRegion Tensors => _tensors ?? throw new InvalidOperationException($"the tensors of this publisher of '{_weightSet}' are GPU memory of its own, not shared memory");
+
+    /// <summary>Where the tensors lie in the region.</summary>
+    public RegionLayout Layout => _registration.Layout;
 
     public ChannelClient Channel => _channel;
 
@@ -42,8 +48,7 @@ public sealed class PublisherClient : IDisposable
         var tensors = WeightRegion.Create("tensors", layout);
         try
         {
-            TimeSpan wait = timeout ?? TimeSpan.FromSeconds(60);
-            return new PublisherClient(socketPath, weightSet, tensors, wait, Register(socketPath, weightSet, tensors, wait));
+            return new PublisherClient(socketPath, weightSet, new RegistrationRequest(layout, [tensors]), timeout ?? TimeSpan.FromSeconds(60));
         }
         catch
         {
@@ -52,8 +57,19 @@ public sealed class PublisherClient : IDisposable
         }
     }
 
-    private static ChannelClient Register(string socketPath, string weightSet, WeightRegion tensors, TimeSpan timeout) =>
-        ChannelClient.Connect(socketPath, Role.Publisher, weightSet, timeout, new RegistrationRequest(tensors.Layout, [tensors]));
+    /// <summary>
+    /// A publisher whose tensors lie in GPU memory that the caller owns and keeps while the publisher lives
+    /// (<paramref name="region"/>, laid out as <paramref name="layout"/>); the agent opens it through CUDA IPC, so it
+    /// must run the cuda backend on that GPU's machine. Publish only once the GPU's work on the tensors is done.
+    /// </summary>
+    public static PublisherClient ConnectDevice(string socketPath, string weightSet, RegionLayout layout, DeviceRegion region, TimeSpan? timeout = null)
+    {
+        if (region.Bytes < layout.Length)
+            throw new ArgumentException($"region '{region.Name}' holds {region.Bytes} bytes; its tensors reach byte {layout.Length}", nameof(region));
+        return new PublisherClient(socketPath, weightSet, new RegistrationRequest(layout, [], DeviceRegions: [region]), timeout ?? TimeSpan.FromSeconds(60));
+    }
+
+    private ChannelClient Register() => ChannelClient.Connect(_socketPath, Role.Publisher, _weightSet, _timeout, _registration);
 
     /// <summary>
     /// Publishes <paramref name="version"/> (greater than any before): returns when the snapshot is taken, or with
@@ -70,7 +86,7 @@ public sealed class PublisherClient : IDisposable
     /// <summary>A new session with the agent (after it restarted), registering the same tensors.</summary>
     public void Reconnect()
     {
-        ChannelClient fresh = Register(_socketPath, _weightSet, Tensors, _timeout);
+        ChannelClient fresh = Register();
         ChannelClient old = _channel;
         _channel = fresh;
         old.Dispose();
@@ -79,6 +95,6 @@ public sealed class PublisherClient : IDisposable
     public void Dispose()
     {
         _channel.Dispose();
-        Tensors.Dispose();
+        _tensors?.Dispose();
     }
 }

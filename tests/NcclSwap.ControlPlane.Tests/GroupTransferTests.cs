@@ -36,7 +36,7 @@ public class GroupTransferTests
     }
 
     /// <summary>One update: the group formed, the trainer sends <paramref name="model"/> as <paramref name="version"/> (giving up after <paramref name="failAfter"/> buckets), each engine member receives and publishes to its agent.</summary>
-    private static Exception?[] Update(PublisherClient[] publishers, byte[] model, ulong version, int? failAfter = null)
+    private static Exception?[] Update(ReceivingPublisher.Registration[] publishers, byte[] model, ulong version, int? failAfter = null)
     {
         SwapGroupConfig config = Config();
         return Threads.Run(3, member =>
@@ -83,7 +83,7 @@ public class GroupTransferTests
             ConsumerClient.Connect(agent.SocketPath, "moe", Plan.DestinationLayout(d), ConsumerMode.CopyIn),
         }).ToArray();
         // Each engine registers once, as a publisher of its share, and keeps the registration across the groups.
-        PublisherClient[] publishers = agents.Select((agent, d) => ReceivingPublisher.Register(agent.SocketPath, "moe", Plan, d)).ToArray();
+        ReceivingPublisher.Registration[] publishers = agents.Select((agent, d) => ReceivingPublisher.Register(agent.SocketPath, "moe", Plan, d, new HostBackend())).ToArray();
         try
         {
             byte[] v1 = TestData.Random((int)Plan.SourceLayout().Length, seed);
@@ -126,7 +126,7 @@ public class GroupTransferTests
         {
             foreach (ConsumerClient consumer in consumers.SelectMany(c => c))
                 consumer.Dispose();
-            foreach (PublisherClient publisher in publishers)
+            foreach (ReceivingPublisher.Registration publisher in publishers)
                 publisher.Dispose();
         }
     }

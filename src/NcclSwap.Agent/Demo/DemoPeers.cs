@@ -21,13 +21,16 @@ internal static class DemoPeers
         var role = new Argument<string>("role");
         var socket = new Argument<string>("socket");
         var weightSet = new Argument<string>("weight-set");
-        var model = new Argument<string>("model");
+        var model = new Argument<string>("model") { Description = "layers:hidden:intermediate:vocabulary:heads:kv-heads[:dtype], or layout:FILE for a layout file's model whole (a TP1 engine's share)" };
         var extra = new Argument<string>("extra") { Description = "publisher: versions to publish; consumer: flip or copy-in" };
         var command = new Command(Verb, "Internal: a publisher or consumer process of nccl-swap demo.") { role, socket, weightSet, model, extra };
         command.Hidden = true;
         command.SetAction(result =>
         {
-            SyntheticModel parsed = SyntheticModel.Parse(result.GetValue(model)!);
+            string text = result.GetValue(model)!;
+            RegionLayout parsed = text.StartsWith("layout:", StringComparison.Ordinal)
+                ? TransferPlan.Create(ModelLayout.Load(text["layout:".Length..]), 1, 1).DestinationLayout(0)
+                : SyntheticModel.Parse(text).Layout();
             return result.GetValue(role) switch
             {
                 "publisher" => Publish(result.GetValue(socket)!, result.GetValue(weightSet)!, parsed, ulong.Parse(result.GetValue(extra)!, CultureInfo.InvariantCulture), output),
@@ -39,9 +42,8 @@ internal static class DemoPeers
     }
 
     /// <summary>Writes versions 1..N of the model and publishes each, waiting for its outcome; prints "published V STATUS DETAIL".</summary>
-    private static int Publish(string socket, string weightSet, SyntheticModel model, ulong versions, TextWriter output)
+    private static int Publish(string socket, string weightSet, RegionLayout layout, ulong versions, TextWriter output)
     {
-        RegionLayout layout = model.Layout();
         using PublisherClient publisher = PublisherClient.Connect(socket, weightSet, layout);
         output.WriteLine("ready");
         for (ulong version = 1; version <= versions; version++)
@@ -60,9 +62,8 @@ internal static class DemoPeers
     /// "switch V SLOT PAUSE_US" per switch, "torn V" per read that was not exactly version V, and a summary when
     /// stdin says "stop". Exits 3 if any read was torn.
     /// </summary>
-    private static int Consume(string socket, string weightSet, SyntheticModel model, ConsumerMode mode, TextWriter output)
+    private static int Consume(string socket, string weightSet, RegionLayout layout, ConsumerMode mode, TextWriter output)
     {
-        RegionLayout layout = model.Layout();
         using ConsumerClient consumer = ConsumerClient.Connect(socket, weightSet, layout, mode);
         var stop = new ManualResetEventSlim();
         new Thread(() => { while (Console.ReadLine() is { } line && line != "stop") { } stop.Set(); }) { IsBackground = true }.Start();

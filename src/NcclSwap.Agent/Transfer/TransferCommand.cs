@@ -78,7 +78,7 @@ internal static class TransferCommand
         List<RankWork> work = [];
         var reports = new Dictionary<int, TransferReport>();
         // A destination's registration with its agent outlives the groups: one publisher for every version.
-        var publishers = new Dictionary<int, PublisherClient>();
+        var publishers = new Dictionary<int, ReceivingPublisher.Registration>();
         void Disband()
         {
             work.ForEach(w => w.Dispose());
@@ -117,7 +117,7 @@ internal static class TransferCommand
         finally
         {
             Disband();
-            foreach (PublisherClient publisher in publishers.Values)
+            foreach (ReceivingPublisher.Registration publisher in publishers.Values)
                 publisher.Dispose();
         }
         return failed == 0 ? 0 : 3;
@@ -134,7 +134,7 @@ internal static class TransferCommand
         private readonly ReceivingPublisher? _receiver;
         private readonly string? _agent;
 
-        public RankWork(SwapGroup.LocalRank local, TransferPlan plan, PlanRanks ranks, Arguments args, Dictionary<int, PublisherClient> publishers)
+        public RankWork(SwapGroup.LocalRank local, TransferPlan plan, PlanRanks ranks, Arguments args, Dictionary<int, ReceivingPublisher.Registration> publishers)
         {
             Local = local;
             _plan = plan;
@@ -143,8 +143,9 @@ internal static class TransferCommand
             if (_source < 0 && args.Agent is not null)
             {
                 _agent = args.Agent;
-                if (!publishers.TryGetValue(local.Rank, out PublisherClient? publisher))
-                    publishers[local.Rank] = publisher = ReceivingPublisher.Register(args.Agent, args.WeightSet!, plan, _destination);
+                // On a GPU the share is received into device memory of the rank's own, which the agent opens through CUDA IPC.
+                if (!publishers.TryGetValue(local.Rank, out ReceivingPublisher.Registration? publisher))
+                    publishers[local.Rank] = publisher = ReceivingPublisher.Register(args.Agent, args.WeightSet!, plan, _destination, Backend.Create(local.Backend.Kind, local.Device));
                 _receiver = ReceivingPublisher.Over(publisher, plan, ranks, _destination, local.Backend, local.Collective);
                 return;
             }
@@ -178,10 +179,14 @@ internal static class TransferCommand
                 report = _executor!.Run(_region!);
                 detail = $"destination {_destination}: holds hash {Hash(Local.Backend, _region!, _layout!):x16}, received";
             }
-            double seconds = clock.Elapsed.TotalSeconds;
+            // The first exchange waits for every rank to start (a destination still checking its last version, a source
+            // still writing this one): that wait is reported apart, and the rate is over the rest.
+            double waited = report.Phases.GetValueOrDefault("meet") / 1e3;
+            double seconds = clock.Elapsed.TotalSeconds - waited;
             lock (output)
                 output.WriteLine($"version {report.Version}: rank {Local.Rank} {detail} {report.Bytes / 1e9:0.000} GB in {report.Buckets} bucket(s), " +
-                    $"{report.Skipped} skipped, {report.Resent} re-sent, {seconds * 1e3:0.0} ms ({report.Bytes / Math.Max(seconds, 1e-9) / 1e9:0.0} GB/s)");
+                    $"{report.Skipped} skipped, {report.Resent} re-sent, {seconds * 1e3:0.0} ms ({report.Bytes / Math.Max(seconds, 1e-9) / 1e9:0.0} GB/s) " +
+                    $"after {waited * 1e3:0.0} ms waiting for the group; {string.Join(", ", report.Phases.Where(p => p.Key != "meet" && !p.Key.Contains(':')).Select(p => $"{p.Key} {p.Value:0.0} ms"))}");
             return report;
         }
 

@@ -66,6 +66,7 @@ public sealed class VersionManager : ISessionHost, IRequestHandler, IDisposable
         Options = options;
         Log = log;
         Directory.CreateDirectory(options.StagingDirectory);
+        StagingBuffer.Probe(options.StagingDirectory, backend); // at start, not at the first publish
         AgentState state = store.Load();
         _auditPosition = state.AuditPosition;
         foreach (WeightSetState set in state.WeightSets)
