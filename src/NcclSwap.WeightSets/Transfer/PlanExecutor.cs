@@ -23,7 +23,10 @@ public sealed record TransferReport(int Rank, int Buckets, int Skipped, int Rese
     /// <summary>Buckets this rank sent from its source region or received into its destination region in place, with no staging copy.</summary>
     public int InPlace { get; init; }
 
-    /// <summary>Milliseconds by phase: exchange (plans, what destinations hold), decide (what moves), transfer, verify.</summary>
+    /// <summary>
+    /// Milliseconds by phase: meet (the first exchange, which waits until every rank has started this run: time spent
+    /// waiting for slower peers, not moving), exchange (what destinations hold), decide (what moves), transfer, verify.
+    /// </summary>
     public IReadOnlyDictionary<string, double> Phases { get; init; } = new Dictionary<string, double>();
 }
 
@@ -198,6 +201,7 @@ public sealed class PlanExecutor : IDisposable
         foreach (int rank in Ranks.Sources)
             if (plans[rank][1] != sentVersion)
                 throw new InvalidOperationException($"the sources send different versions: rank {Ranks.Sources[0]} version {sentVersion}, rank {rank} version {plans[rank][1]}");
+        Lap("meet");
         var mine = new ulong[1 + _bucketCount];
         if (destination is not null && SkipUnchanged)
             foreach (var (t, b, digest) in RegionDigests(destination, destinationLayout!, MyBuckets(myDestination, asSource: false)))
@@ -241,6 +245,8 @@ public sealed class PlanExecutor : IDisposable
         {
             var packed = new ulong[_bucketCount];
             var arrived = new ulong[_bucketCount];
+            var packedAt = new List<(int Index, int First, int Count)>();
+            var arrivedAt = new List<(int Index, int First, int Count)>();
             for (int t = 0; t < Plan.Transfers.Count; t++)
             {
                 Transfer transfer = Plan.Transfers[t];
@@ -248,7 +254,7 @@ public sealed class PlanExecutor : IDisposable
                 List<int> these = work.Where(w => w.Transfer == t).Select(w => w.Bucket).ToList();
                 if ((!sends && !receives) || these.Count == 0)
                     continue;
-                long moved = RunTransfer(t, these, pipe, sends ? source : null, receives ? destination : null, packed, arrived);
+                long moved = RunTransfer(t, these, pipe, sends ? source : null, receives ? destination : null, packedAt, arrivedAt);
                 int count = sends ? these.Count * transfer.Destinations.Count : these.Count;
                 buckets += count;
                 bytes += sends ? moved * transfer.Destinations.Count : moved;
@@ -257,6 +263,14 @@ public sealed class PlanExecutor : IDisposable
                 TransferDone?.Invoke(t, count, moved);
             }
 
+            // Every bucket's digests, as packed and as unpacked, from the queues at once.
+            long collecting = System.Diagnostics.Stopwatch.GetTimestamp();
+            Digest[] asPacked = pipe.PackDigests?.Collect() ?? [], asUnpacked = pipe.UnpackDigests?.Collect() ?? [];
+            foreach (var (index, first, count) in packedAt)
+                packed[index] = Fold(asPacked.AsSpan(first, count)).Value;
+            foreach (var (index, first, count) in arrivedAt)
+                arrived[index] = Fold(asUnpacked.AsSpan(first, count)).Value;
+            Spend("collect digests", collecting);
             Lap("transfer");
 
             // Compare what was packed with what each destination read as it unpacked.
@@ -295,10 +309,14 @@ public sealed class PlanExecutor : IDisposable
 
     /// <summary>
     /// The buckets of transfer <paramref name="t"/> in <paramref name="buckets"/>, through the pipeline; returns the
-    /// bytes moved (once). A source records each bucket's digest as packed in <paramref name="packed"/>, a destination
-    /// the digest of what it read as it unpacked in <paramref name="arrived"/>.
+    /// bytes moved (once). Nothing here waits for a digest: a source enqueues each bucket's digest as packed on its pack
+    /// stream (after the copy the wire waits for), a destination the copy out of staging that digests what it reads on
+    /// its unpack stream (after the bucket has arrived); <paramref name="packed"/> and <paramref name="arrived"/> get
+    /// where each bucket's digests are in the queues, collected once the pass is done. The host waits only before it
+    /// reuses a slot: for the wire to have sent the bucket two before.
     /// </summary>
-    private long RunTransfer(int t, List<int> buckets, Pipeline pipe, IDeviceBuffer? source, IDeviceBuffer? destination, ulong[] packed, ulong[] arrived)
+    private long RunTransfer(int t, List<int> buckets, Pipeline pipe, IDeviceBuffer? source, IDeviceBuffer? destination,
+        List<(int Index, int First, int Count)> packed, List<(int Index, int First, int Count)> arrived)
     {
         Transfer transfer = Plan.Transfers[t];
         BucketWork[] work = _work![t];
@@ -309,31 +327,9 @@ public sealed class PlanExecutor : IDisposable
         int? waitOn = broadcast ? (sends ? null : 0) : sends ? Ranks.Destinations[transfer.Destinations[0]] : sourceRank;
         long moved = 0;
 
-        // A destination unpacks a bucket once it has arrived, with the copy that digests what it reads; one received in
-        // place is only digested where it lies.
-        void Finish(int i)
-        {
-            int slot = i % 2, b = buckets[i];
-            BucketWork w = work[b];
-            long at0 = System.Diagnostics.Stopwatch.GetTimestamp();
-            link.Wait(pipe.Moved[slot], waitOn, $"bucket {b} of transfer {t}");
-            at0 = Spend("wait", at0);
-            Digest[] pieces;
-            if (broadcast && sends) // the root of a broadcast it also receives: its copy comes from what it sent
-                pieces = w.SourceAt is long from
-                    ? _backend.CopyAndDigest(destination!, source!, w.Unpack.Select(r => r with { From = from + r.From - w.SpanStart }).ToList())
-                    : _backend.CopyAndDigest(destination!, pipe.Out[slot]!, w.Unpack);
-            else if (w.DestinationAt is long at)
-                pieces = _backend.Digests(destination!, w.Pieces.Select(p => (at + p.Offset - w.SpanStart, p.Length)).ToList());
-            else
-                pieces = _backend.CopyAndDigest(destination!, pipe.In[slot]!, w.Unpack);
-            arrived[_bucketBase[t] + b] = Fold(pieces).Value;
-            Spend("unpack and digest", at0);
-        }
-
         for (int i = 0; i < buckets.Count; i++)
         {
-            int slot = i % 2, b = buckets[i];
+            int slot = i % 2, b = buckets[i], index = _bucketBase[t] + b;
             BucketWork w = work[b];
             long at = System.Diagnostics.Stopwatch.GetTimestamp();
             if (i >= 2)
@@ -347,16 +343,18 @@ public sealed class PlanExecutor : IDisposable
                 {
                     _inPlace++;
                     outgoing = (source!, from);
-                    packed[_bucketBase[t] + b] = Fold(_backend.Digests(source!, w.Pieces.Select(p => (from + p.Offset - w.SpanStart, p.Length)).ToList())).Value;
+                    packed.Add((index, pipe.PackDigests!.Digest(source!, w.Pieces.Select(p => (from + p.Offset - w.SpanStart, p.Length)).ToList()), w.Pieces.Count));
                 }
                 else
                 {
                     IDeviceBuffer bucket = pipe.Out[slot]!;
+                    pipe.Pack.Wait(pipe.Unpacked[slot]); // a broadcast's root that receives too copies out of this slot
                     foreach ((long offset, long gap) in w.Gaps)
                         pipe.Pack.FillAsync(bucket, offset, gap, 0);
                     pipe.Pack.CopyAsync(bucket, source!, w.Pack);
-                    pipe.Pack.Synchronize();
-                    packed[_bucketBase[t] + b] = Fold(_backend.Digests(bucket, w.Pieces)).Value;
+                    pipe.Pack.Record(pipe.Packed[slot]);
+                    pipe.Wire.Wait(pipe.Packed[slot]);
+                    packed.Add((index, pipe.PackDigests!.Digest(bucket, w.Pieces), w.Pieces.Count));
                     outgoing = (bucket, w.SpanStart);
                 }
             }
@@ -364,7 +362,10 @@ public sealed class PlanExecutor : IDisposable
             if (receives && !(broadcast && sends))
             {
                 incoming = w.DestinationAt is long to ? (destination!, to) : (pipe.In[slot]!, w.SpanStart);
-                _inPlace += w.DestinationAt is null ? 0 : 1;
+                if (w.DestinationAt is null)
+                    pipe.Wire.Wait(pipe.Unpacked[slot]); // the bucket two before has been copied out of this slot
+                else
+                    _inPlace++;
             }
             using (link.Group())
             {
@@ -382,13 +383,24 @@ public sealed class PlanExecutor : IDisposable
                 }
             }
             pipe.Wire.Record(pipe.Moved[slot]);
-            Spend("issue", at);
+            at = Spend("issue", at);
             moved += w.SpanLength;
-            if (receives && i > 0)
-                Finish(i - 1);
+            if (!receives)
+                continue;
+            // Once it has arrived: the copy out of staging that digests what it reads, or the digest where it landed.
+            pipe.Unpack.Wait(pipe.Moved[slot]);
+            IDigestQueue queue = pipe.UnpackDigests!;
+            if (broadcast && sends) // the root of a broadcast it also receives: its copy comes from what it sent
+                arrived.Add((index, w.SourceAt is long from
+                    ? queue.CopyAndDigest(destination!, source!, w.Unpack.Select(r => r with { From = from + r.From - w.SpanStart }).ToList())
+                    : queue.CopyAndDigest(destination!, pipe.Out[slot]!, w.Unpack), w.Unpack.Count));
+            else if (w.DestinationAt is long to)
+                arrived.Add((index, queue.Digest(destination!, w.Pieces.Select(p => (to + p.Offset - w.SpanStart, p.Length)).ToList()), w.Pieces.Count));
+            else
+                arrived.Add((index, queue.CopyAndDigest(destination!, pipe.In[slot]!, w.Unpack), w.Unpack.Count));
+            pipe.Unpack.Record(pipe.Unpacked[slot]);
+            Spend("unpack and digest", at);
         }
-        if (receives)
-            Finish(buckets.Count - 1);
         for (int i = Math.Max(0, buckets.Count - 2); i < buckets.Count; i++)
             link.Wait(pipe.Moved[i % 2], waitOn, $"bucket {buckets[i]} of transfer {t}");
         return moved;
@@ -623,10 +635,28 @@ public sealed class PlanExecutor : IDisposable
                 Out[slot] = sends ? Own(backend.Allocate(bucketBytes)) : null;
                 In[slot] = receives ? Own(backend.Allocate(bucketBytes)) : null;
                 Moved[slot] = Own(backend.CreateEvent());
+                Packed[slot] = Own(backend.CreateEvent());
+                Unpacked[slot] = Own(backend.CreateEvent());
             }
             Pack = Own(backend.CreateStream());
             Wire = Own(backend.CreateStream());
+            Unpack = Own(backend.CreateStream());
+            PackDigests = sends ? Own(backend.CreateDigestQueue(Pack)) : null;
+            UnpackDigests = receives ? Own(backend.CreateDigestQueue(Unpack)) : null;
         }
+
+        /// <summary>A slot's bucket is packed (the wire waits for it before sending).</summary>
+        public IDeviceEvent[] Packed { get; } = new IDeviceEvent[2];
+
+        /// <summary>A slot's bucket has been copied out of staging (the slot may take the next).</summary>
+        public IDeviceEvent[] Unpacked { get; } = new IDeviceEvent[2];
+
+        /// <summary>Copies out of staging and the digests of what arrived.</summary>
+        public ICopyStream Unpack { get; }
+
+        public IDigestQueue? PackDigests { get; }
+
+        public IDigestQueue? UnpackDigests { get; }
 
         public IDeviceBuffer?[] Out { get; } = new IDeviceBuffer?[2];
 
@@ -640,7 +670,8 @@ public sealed class PlanExecutor : IDisposable
 
         public void Dispose()
         {
-            foreach (IDisposable item in _owned)
+            // Queues first (they use the streams), then streams, events and buffers.
+            foreach (IDisposable item in Enumerable.Reverse(_owned))
                 item.Dispose();
         }
     }
