@@ -9,9 +9,11 @@ using NcclSwap.Perf;
 //   version-check         BenchmarkDotNet: the consumer's per-step version-table load
 //   agent-channel [count] ping round trips through a real agent in another process (dispatcher and handler), p50/p99
 //   consumer-step         BenchmarkDotNet: ConsumerClient.Step when nothing is new (the engine's per-step cost)
-//   transfer LAYOUT [--tp M] [--destination D] [--layers N] [--bucket-mib B] [--runs R] [--host]
-//                         one destination's share of a transfer plan through the executor on one rank, against raw
-//                         collective sends and device-to-device copies of the same buckets
+//   nccl [--gpus G] [--gib N] [--runs R] [--host]
+//                         raw broadcast, send/receive ring and fan-out between the local GPUs (bus bandwidth)
+//   transfer LAYOUT [--tp M] [--destination D] [--gpus G] [--layers N] [--bucket-mib B] [--runs R] [--host]
+//                         a transfer plan through the executor (one GPU: a destination's share sent to itself; G GPUs:
+//                         source on GPU 0, destinations on the others), against raw collectives of the same buckets
 return args.FirstOrDefault() switch
 {
     "cpu-digest" => CpuDigest.Run(args[1..]),
@@ -24,11 +26,12 @@ return args.FirstOrDefault() switch
     AgentChannelBenchmark.AgentVerb => AgentChannelBenchmark.Host(args[1..]),
     "consumer-step" => ConsumerStep.Run(args[1..]),
     "transfer" => TransferBenchmark.Run(args[1..]),
+    "nccl" => NcclBandwidth.Run(args[1..]),
     _ => Usage(),
 };
 
 static int Usage()
 {
-    Console.Error.WriteLine("usage: NcclSwap.Perf cpu-digest [BenchmarkDotNet args] | gpu-digest [GiB] | load [GiB] [shards] | channel [count] | version-check | agent-channel [count] | consumer-step | transfer LAYOUT [--tp M] [--layers N] ...");
+    Console.Error.WriteLine("usage: NcclSwap.Perf cpu-digest [BenchmarkDotNet args] | gpu-digest [GiB] | load [GiB] [shards] | channel [count] | version-check | agent-channel [count] | consumer-step | nccl [--gpus G] [--gib N] | transfer LAYOUT [--tp M] [--gpus G] [--layers N] ...");
     return 2;
 }

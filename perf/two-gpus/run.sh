@@ -1,39 +1,140 @@
 #!/usr/bin/env bash
 # On a machine with two GPUs, after ./build.sh gpu-test here and with artifacts/gpu carried there:
 #   bash perf/two-gpus/run.sh   (logs under $OUT)
-# The NCCL and transfer GPU tests, then nccl-swap transfer between GPU 0 (trainer) and GPU 1 (engine): a 265 MB
-# layout (hashes to compare with the same run on the host backend), Llama-3-8B TP1 for the rate, and the engine
-# publishing to a serve agent.
+# 1. The NCCL and transfer GPU tests with two GPUs; two processes page-locking one shared region (register-twice.py).
+# 2. Raw NCCL between the GPUs (NcclSwap.Perf nccl), then the transfer benchmark with the source on GPU 0 and the
+#    destination on GPU 1: Llama-3-8B TP1, and Qwen3-235B-A22B layers as a TP8 engine's destination 0.
+# 3. nccl-swap transfer, trainer on GPU 0, engine on GPU 1: hashes of a 265 MB layout (to compare with the host run),
+#    then the engine publishing into a serve agent on GPU 1 with a flip and a copy-in consumer that check every read.
+# 4. Faults with those consumers: the engine SIGKILLed while versions stream, the engine stopped (SIGSTOP) past the
+#    group's deadline, the agent SIGKILLed; each consumer must still serve whole versions only (torn=0).
+# 5. Llama-3-8B end to end through the agent.
+# BACKEND=host A=PATH-TO-nccl-swap runs parts 3 and 4 on the host backend (a check of the script without GPUs).
 set -u
-A=$PWD/artifacts/gpu/nccl-swap
+OUT=${OUT:-$PWD/two-gpus-logs}; mkdir -p $OUT
+B=${BACKEND:-cuda}
+A=${A:-$PWD/artifacts/gpu/nccl-swap}
+now() { date +%s.%N; }
+since() { awk "BEGIN { printf \"%.1f\", $(now) - $1 }"; }
+
+if [ $B = cuda ]; then
 w=$(mktemp -d); tar -xJf artifacts/gpu/gpu-tests.tar.xz -C $w
+P=$w/suite/NcclSwap.Perf
 nvidia-smi --query-gpu=index,name --format=csv,noheader
 nvidia-smi topo -m | head -4
-$w/suite/NcclSwap.Gpu.Tests -noColor -reporter verbose -class NcclSwap.Gpu.Tests.NcclTests -class NcclSwap.Gpu.Tests.TransferGpuTests > $OUT/gpu-tests.log 2>&1
+echo "== 1. the GPU test suite with two GPUs"
+timeout 400 $w/suite/NcclSwap.Gpu.Tests -noColor -reporter verbose > $OUT/gpu-tests.log 2>&1
 grep -E "Total:|\[FAIL\]|\[SKIP\]" $OUT/gpu-tests.log
-sed 's/29517/29531/' perf/two-gpus/group.json > /tmp/g1.json
-run2() { # layout tp versions extra...
-  local g=$1; shift
-  $A transfer --group $g --member 0 "$@" > $OUT/m0.log 2>&1 &
-  local p=$!
-  $A transfer --group $g --member 1 "$@" 2>&1 | tee -a $OUT/m1.log
-  wait $p; echo "member 0 exit $?"; tail -3 $OUT/m0.log
-}
-echo "== mid layout (expect hashes 0bf820ce3fe90b27, 577a20cdff00f27e)"
-run2 /tmp/g1.json --layout perf/two-gpus/mid.json --tp 1 --versions 2 --backend cuda
-echo "== Llama-3-8B TP1, 4 versions"
-sed 's/29517/29532/' perf/two-gpus/group.json > /tmp/g2.json
-run2 /tmp/g2.json --layout perf/layouts/llama-3-8b.json --tp 1 --versions 4 --backend cuda
-echo "== engine publishes to a serve agent on GPU 1"
-mkdir -p /tmp/ag
-NCCL_SWAP_Agent__SocketPath=/tmp/ag/agent.sock NCCL_SWAP_Agent__StateDirectory=/tmp/ag/state NCCL_SWAP_Agent__StagingDirectory=/tmp/ag/staging \
-NCCL_SWAP_Agent__Backend=cuda NCCL_SWAP_Agent__Roles__Users__0=publisher,consumer,operator $A serve > $OUT/serve.log 2>&1 &
-sp=$!
-for i in $(seq 100); do [ -S /tmp/ag/agent.sock ] && break; sleep 0.1; done
-sed 's/29517/29533/' perf/two-gpus/group.json > /tmp/g3.json
-$A transfer --group /tmp/g3.json --member 0 --layout perf/two-gpus/mid.json --tp 1 --versions 2 --backend cuda > $OUT/p0.log 2>&1 &
+echo "== 1b. two processes page-lock one shared region"
+timeout 120 python3 perf/two-gpus/register-twice.py 2>&1 | tee $OUT/register-twice.log
+
+echo "== 2. raw NCCL between the GPUs, 1 GiB"
+timeout 120 $P nccl --gib 1 2>&1 | tee $OUT/nccl.log
+echo "== 2b. transfer benchmark: Llama-3-8B TP1, source GPU 0, destination GPU 1"
+timeout 300 $P transfer perf/layouts/llama-3-8b.json --tp 1 --gpus 2 --runs 3 2>&1 | tee $OUT/transfer-llama.log
+echo "== 2c. transfer benchmark: Qwen3-235B-A22B layers 0..12, TP8 destination 0 on GPU 1"
+timeout 300 $P transfer perf/layouts/qwen3-235b-a22b.json --tp 8 --gpus 2 --layers 13 --runs 3 2>&1 | tee $OUT/transfer-qwen.log
+fi
+
+group() { sed "s/29517/$1/; s/\"timeout_seconds\": 60/\"timeout_seconds\": ${2:-60}/" perf/two-gpus/group.json > /tmp/g$1.json; echo /tmp/g$1.json; }
+echo "== 3. mid layout, no agent (expect hashes 0bf820ce3fe90b27, 577a20cdff00f27e)"
+g=$(group 29531)
+$A transfer --group $g --member 0 --layout perf/two-gpus/mid.json --tp 1 --versions 2 --backend $B > $OUT/mid-m0.log 2>&1 &
 p=$!
-$A transfer --group /tmp/g3.json --member 1 --layout perf/two-gpus/mid.json --tp 1 --versions 2 --backend cuda --agent /tmp/ag/agent.sock --weight-set mid 2>&1 | tee $OUT/p1.log
-wait $p; echo "member 0 exit $?"
-$A audit show --log /tmp/ag/state/audit.jsonl | tail -4
-kill $sp; wait $sp
+timeout 120 $A transfer --group $g --member 1 --layout perf/two-gpus/mid.json --tp 1 --versions 2 --backend $B 2>&1 | tee $OUT/mid-m1.log
+wait $p; echo "member 0 exit $?"; cat $OUT/mid-m0.log
+
+# The agent serves GPU 1 (its device 0); consumers read from stdin until "stop".
+agent() { # NAME
+  rm -rf /tmp/$1; mkdir -p /tmp/$1
+  CUDA_VISIBLE_DEVICES=1 NCCL_SWAP_Agent__SocketPath=/tmp/$1/agent.sock NCCL_SWAP_Agent__StateDirectory=/tmp/$1/state \
+    NCCL_SWAP_Agent__StagingDirectory=/dev/shm/$1 NCCL_SWAP_Agent__Backend=$B NCCL_SWAP_Agent__Roles__Users__0=publisher,consumer,operator \
+    $A serve > $OUT/$1-serve.log 2>&1 &
+  echo $! > /tmp/$1/pid
+  for i in $(seq 200); do [ -S /tmp/$1/agent.sock ] && break; sleep 0.1; done
+}
+consumers() { # AGENT MODEL
+  for mode in flip copy-in; do
+    mkfifo /tmp/$1/$mode.in
+    $A demo-peer consumer /tmp/$1/agent.sock m "$2" $mode < /tmp/$1/$mode.in > $OUT/$1-$mode.log 2>&1 &
+    echo $! > /tmp/$1/$mode.pid
+  done
+  exec 7>/tmp/$1/flip.in 8>/tmp/$1/copy-in.in
+  for i in $(seq 300); do grep -q ready $OUT/$1-flip.log 2>/dev/null && grep -q ready $OUT/$1-copy-in.log 2>/dev/null && break; sleep 0.1; done
+}
+stop_consumers() { # AGENT
+  echo stop >&7; echo stop >&8; exec 7>&- 8>&-
+  for mode in flip copy-in; do wait $(cat /tmp/$1/$mode.pid); echo "$mode consumer exit $?: $(grep -c '^switch' $OUT/$1-$mode.log) switches, $(grep summary $OUT/$1-$mode.log)"; done
+}
+wait_for() { # FILE PATTERN SECONDS
+  for i in $(seq $(($3 * 10))); do grep -q "$2" $1 2>/dev/null && return 0; sleep 0.1; done; return 1
+}
+
+if [ $B = cuda ]; then
+  echo "== 3a. an agent whose staging directory is on disk ($(stat -f -c %T /tmp)) refuses to start"
+  NCCL_SWAP_Agent__SocketPath=/tmp/disk/agent.sock NCCL_SWAP_Agent__StateDirectory=/tmp/disk/state NCCL_SWAP_Agent__StagingDirectory=/tmp/disk/staging \
+    NCCL_SWAP_Agent__Backend=cuda NCCL_SWAP_Agent__Roles__Users__0=publisher timeout 60 $A serve > $OUT/disk-serve.log 2>&1
+  echo "exit $?"; grep -m1 -i "staging directory" $OUT/disk-serve.log
+fi
+echo "== 3b. mid layout through a serve agent on GPU 1 with a flip and a copy-in consumer, 3 versions"
+agent e2e; consumers e2e layout:perf/two-gpus/mid.json
+g=$(group 29533)
+$A transfer --group $g --member 0 --layout perf/two-gpus/mid.json --tp 1 --versions 3 --backend $B > $OUT/e2e-m0.log 2>&1 &
+p=$!
+timeout 180 $A transfer --group $g --member 1 --layout perf/two-gpus/mid.json --tp 1 --versions 3 --backend $B --agent /tmp/e2e/agent.sock --weight-set m 2>&1 | tee $OUT/e2e-m1.log
+wait $p; echo "member 0 exit $?"; cat $OUT/e2e-m0.log
+sleep 1; stop_consumers e2e
+$A audit show --log /tmp/e2e/state/audit.jsonl | tail -3
+
+echo "== 4a. faults: the engine (rank 1) SIGKILLed while versions stream; deadline 10 s"
+g=$(group 29534 10)
+agent kill; consumers kill layout:perf/two-gpus/mid.json
+$A transfer --group $g --member 0 --layout perf/two-gpus/mid.json --tp 1 --versions 40 --backend $B > $OUT/kill-m0.log 2>&1 &
+p0=$!
+$A transfer --group $g --member 1 --layout perf/two-gpus/mid.json --tp 1 --versions 40 --backend $B --agent /tmp/kill/agent.sock --weight-set m > $OUT/kill-m1.log 2>&1 &
+p1=$!
+wait_for $OUT/kill-m1.log "version 3:" 120
+t=$(now); kill -9 $p1
+wait_for $OUT/kill-m0.log "failed" 60 && echo "member 0 reported the failure $(since $t) s after the kill (polled every 0.1 s):"
+grep -m1 failed $OUT/kill-m0.log
+kill $p0; wait $p0 2>/dev/null
+sleep 2; stop_consumers kill
+
+echo "== 4b. faults: the engine (rank 1) stopped with SIGSTOP past the deadline (10 s)"
+g=$(group 29535 10)
+agent stall; consumers stall layout:perf/two-gpus/mid.json
+$A transfer --group $g --member 0 --layout perf/two-gpus/mid.json --tp 1 --versions 40 --backend $B > $OUT/stall-m0.log 2>&1 &
+p0=$!
+$A transfer --group $g --member 1 --layout perf/two-gpus/mid.json --tp 1 --versions 40 --backend $B --agent /tmp/stall/agent.sock --weight-set m > $OUT/stall-m1.log 2>&1 &
+p1=$!
+wait_for $OUT/stall-m1.log "version 3:" 120
+t=$(now); kill -STOP $p1
+wait_for $OUT/stall-m0.log "failed" 60 && echo "member 0 reported the failure $(since $t) s after the stop (deadline 10 s):"
+grep -m1 failed $OUT/stall-m0.log
+kill $p0; wait $p0 2>/dev/null; kill -9 $p1
+sleep 2; stop_consumers stall
+
+echo "== 4c. faults: the engine's agent SIGKILLed while versions stream"
+g=$(group 29536 10)
+agent dead; consumers dead layout:perf/two-gpus/mid.json
+$A transfer --group $g --member 0 --layout perf/two-gpus/mid.json --tp 1 --versions 8 --backend $B > $OUT/dead-m0.log 2>&1 &
+p0=$!
+$A transfer --group $g --member 1 --layout perf/two-gpus/mid.json --tp 1 --versions 8 --backend $B --agent /tmp/dead/agent.sock --weight-set m > $OUT/dead-m1.log 2>&1 &
+p1=$!
+wait_for $OUT/dead-m1.log "version 3:" 120
+kill -9 $(cat /tmp/dead/pid)
+wait $p1; echo "member 1 exit $?"; grep -m2 failed $OUT/dead-m1.log
+wait $p0; echo "member 0 exit $?"
+sleep 2; stop_consumers dead
+
+[ $B = cuda ] || { for a in e2e kill stall dead; do kill $(cat /tmp/$a/pid) 2>/dev/null; done; wait; exit 0; }
+echo "== 5. Llama-3-8B TP1 end to end through the agent on GPU 1, 3 versions"
+agent llama; consumers llama layout:perf/layouts/llama-3-8b.json
+g=$(group 29537)
+$A transfer --group $g --member 0 --layout perf/layouts/llama-3-8b.json --tp 1 --versions 3 --backend $B > $OUT/llama-m0.log 2>&1 &
+p=$!
+timeout 300 $A transfer --group $g --member 1 --layout perf/layouts/llama-3-8b.json --tp 1 --versions 3 --backend $B --agent /tmp/llama/agent.sock --weight-set m 2>&1 | tee $OUT/llama-m1.log
+wait $p; echo "member 0 exit $?"; cat $OUT/llama-m0.log
+sleep 3; stop_consumers llama
+for a in e2e kill stall dead llama; do kill $(cat /tmp/$a/pid) 2>/dev/null; done; wait
+rm -rf /dev/shm/e2e /dev/shm/kill /dev/shm/stall /dev/shm/dead /dev/shm/llama
