@@ -131,6 +131,16 @@ public class SwapGroupTests
         }
     }
 
+    /// <summary>Starts the three members (member 2 slow) and sends member 2 <paramref name="signal"/> once it has received two buckets.</summary>
+    private static void SignalMidTransfer(List<PeerProcess> peers, string config, int seed, string folder, string signal)
+    {
+        for (int member = 0; member < 3; member++)
+            peers.Add(GroupPeer.Start(config, member, 2, 2, seed, folder, slow: member == 2));
+        peers[2].WaitForLine("received 2", Generous);
+        using var kill = System.Diagnostics.Process.Start("kill", [signal, $"{peers[2].Process.Id}"])!;
+        kill.WaitForExit();
+    }
+
     [Fact]
     public void A_member_killed_mid_transfer_ends_the_update_naming_its_rank_and_host_and_the_group_forms_again()
     {
@@ -140,11 +150,7 @@ public class SwapGroupTests
         try
         {
             string config = WriteConfig(folder, 5);
-            for (int member = 0; member < 3; member++)
-                peers.Add(GroupPeer.Start(config, member, 2, 2, seed, folder, slow: member == 2));
-            peers[2].WaitForLine("received 2", Generous);
-            using (var kill = System.Diagnostics.Process.Start("kill", ["-KILL", $"{peers[2].Process.Id}"]))
-                kill.WaitForExit();
+            SignalMidTransfer(peers, config, seed, folder, "-KILL");
             var clock = System.Diagnostics.Stopwatch.StartNew();
             Assert.Equal(3, peers[0].WaitForExit(Generous));
             Assert.True(clock.Elapsed < TimeSpan.FromSeconds(20), $"the source took {clock.Elapsed} to give up");
@@ -179,11 +185,7 @@ public class SwapGroupTests
         {
             // A 16 s deadline: the group's watch declares a member silent after 8 s, long before a wait gives up.
             string config = WriteConfig(folder, 16);
-            for (int member = 0; member < 3; member++)
-                peers.Add(GroupPeer.Start(config, member, 2, 2, seed, folder, slow: member == 2));
-            peers[2].WaitForLine("received 2", Generous);
-            using (var stop = System.Diagnostics.Process.Start("kill", ["-STOP", $"{peers[2].Process.Id}"]))
-                stop.WaitForExit();
+            SignalMidTransfer(peers, config, seed, folder, "-STOP");
             var clock = System.Diagnostics.Stopwatch.StartNew();
             foreach (int member in new[] { 0, 1 })
             {

@@ -89,28 +89,41 @@ public sealed class CudaBackend : IBackend
     /// </summary>
     public Digest[] CopyAndDigest(IDeviceBuffer destination, IDeviceBuffer source, IReadOnlyList<CopyRun> runs)
     {
-        var ranges = new List<(ulong Destination, ulong Source, long Length)>(runs.Count);
         lock (_digestLock)
         {
             _digest ??= new GpuDigest(Context);
             _digestStream ??= CudaStream.Create(Context);
-            foreach (CopyRun run in runs)
-            {
-                (IDeviceBuffer to, long at) = SegmentedBuffer.Resolve(destination, run.To, run.Bytes);
-                (IDeviceBuffer from, long offset) = SegmentedBuffer.Resolve(source, run.From, run.Bytes);
-                CudaDeviceBuffer target = AsCudaBuffer(to), origin = AsCudaBuffer(from);
-                ulong d = target.Buffer.At(at, run.Bytes), s = origin.Buffer.At(offset, run.Bytes);
-                if (KernelCopies(target, origin, d, s))
-                    ranges.Add((d, s, run.Bytes));
-                else
-                {
-                    if (run.Bytes > 0)
-                        _digestStream.CopyAsync(target.Buffer, at, origin.Buffer, offset, run.Bytes);
-                    ranges.Add((0, s, run.Bytes));
-                }
-            }
-            return _digest.CopyAndDigest(ranges, _digestStream);
+            return _digest.CopyAndDigest(KernelRanges(destination, source, runs, _digestStream, digests: true), _digestStream);
         }
+    }
+
+    /// <summary>
+    /// The runs the copy kernel moves (device memory on both sides, aligned) as its ranges; the others copied with
+    /// <c>cuMemcpy</c> on <paramref name="stream"/> now and, with <paramref name="digests"/>, given as digest-only ranges
+    /// of their source (Destination 0), so that there is one range per run, in order.
+    /// </summary>
+    internal static List<(ulong Destination, ulong Source, long Length)> KernelRanges(IDeviceBuffer destination, IDeviceBuffer source, IReadOnlyList<CopyRun> runs, CudaStream stream, bool digests)
+    {
+        var ranges = new List<(ulong Destination, ulong Source, long Length)>(runs.Count);
+        foreach (CopyRun run in runs)
+        {
+            if (run.Bytes == 0 && !digests)
+                continue;
+            (IDeviceBuffer to, long at) = SegmentedBuffer.Resolve(destination, run.To, run.Bytes);
+            (IDeviceBuffer from, long offset) = SegmentedBuffer.Resolve(source, run.From, run.Bytes);
+            CudaDeviceBuffer target = AsCudaBuffer(to), origin = AsCudaBuffer(from);
+            ulong d = target.Buffer.At(at, run.Bytes), s = origin.Buffer.At(offset, run.Bytes);
+            if (KernelCopies(target, origin, d, s))
+                ranges.Add((d, s, run.Bytes));
+            else
+            {
+                if (run.Bytes > 0)
+                    stream.CopyAsync(target.Buffer, at, origin.Buffer, offset, run.Bytes);
+                if (digests)
+                    ranges.Add((0, s, run.Bytes));
+            }
+        }
+        return ranges;
     }
 
     /// <summary>The kernels of <see cref="GpuDigest"/>; its batched copies need no lock.</summary>
@@ -190,20 +203,7 @@ internal sealed class CudaCopyStream(CudaStream stream, CudaBackend backend) : I
     /// <summary>The runs between device memory in one launch of the copy kernel; the others with <c>cuMemcpy</c>.</summary>
     public void CopyAsync(IDeviceBuffer destination, IDeviceBuffer source, IReadOnlyList<CopyRun> runs)
     {
-        var batch = new List<(ulong Destination, ulong Source, long Length)>(runs.Count);
-        foreach (CopyRun run in runs)
-        {
-            if (run.Bytes == 0)
-                continue;
-            (IDeviceBuffer to, long at) = SegmentedBuffer.Resolve(destination, run.To, run.Bytes);
-            (IDeviceBuffer from, long offset) = SegmentedBuffer.Resolve(source, run.From, run.Bytes);
-            CudaDeviceBuffer target = CudaBackend.AsCudaBuffer(to), origin = CudaBackend.AsCudaBuffer(from);
-            ulong d = target.Buffer.At(at, run.Bytes), s = origin.Buffer.At(offset, run.Bytes);
-            if (CudaBackend.KernelCopies(target, origin, d, s))
-                batch.Add((d, s, run.Bytes));
-            else
-                Stream.CopyAsync(target.Buffer, at, origin.Buffer, offset, run.Bytes);
-        }
+        List<(ulong Destination, ulong Source, long Length)> batch = CudaBackend.KernelRanges(destination, source, runs, Stream, digests: false);
         if (batch.Count > 0)
             backend.Kernels.EnqueueCopy(batch, Stream);
     }

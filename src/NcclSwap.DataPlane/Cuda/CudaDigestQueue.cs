@@ -25,26 +25,8 @@ internal sealed class CudaDigestQueue(CudaBackend backend, CudaCopyStream stream
         }).ToList());
 
     /// <summary>Runs between aligned device memory are copied by the digest kernel; the others with <c>cuMemcpy</c> on the stream, and their source digested.</summary>
-    public int CopyAndDigest(IDeviceBuffer destination, IDeviceBuffer source, IReadOnlyList<CopyRun> runs)
-    {
-        var ranges = new List<(ulong Destination, ulong Source, long Length)>(runs.Count);
-        foreach (CopyRun run in runs)
-        {
-            (IDeviceBuffer to, long at) = SegmentedBuffer.Resolve(destination, run.To, run.Bytes);
-            (IDeviceBuffer from, long offset) = SegmentedBuffer.Resolve(source, run.From, run.Bytes);
-            CudaDeviceBuffer target = CudaBackend.AsCudaBuffer(to), origin = CudaBackend.AsCudaBuffer(from);
-            ulong d = target.Buffer.At(at, run.Bytes), s = origin.Buffer.At(offset, run.Bytes);
-            if (CudaBackend.KernelCopies(target, origin, d, s))
-                ranges.Add((d, s, run.Bytes));
-            else
-            {
-                if (run.Bytes > 0)
-                    stream.Stream.CopyAsync(target.Buffer, at, origin.Buffer, offset, run.Bytes);
-                ranges.Add((0, s, run.Bytes));
-            }
-        }
-        return Enqueue(ranges);
-    }
+    public int CopyAndDigest(IDeviceBuffer destination, IDeviceBuffer source, IReadOnlyList<CopyRun> runs) =>
+        Enqueue(CudaBackend.KernelRanges(destination, source, runs, stream.Stream, digests: true));
 
     private int Enqueue(List<(ulong Destination, ulong Source, long Length)> ranges)
     {
