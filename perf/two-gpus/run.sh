@@ -5,7 +5,8 @@
 # 2. Raw NCCL between the GPUs (NcclSwap.Perf nccl), then the transfer benchmark with the source on GPU 0 and the
 #    destination on GPU 1: Llama-3-8B TP1, and Qwen3-235B-A22B layers as a TP8 engine's destination 0.
 # 3. nccl-swap transfer, trainer on GPU 0, engine on GPU 1: hashes of a 265 MB layout (to compare with the host run),
-#    then the engine publishing into a serve agent on GPU 1 with a flip and a copy-in consumer that check every read.
+#    then the engine publishing into a serve agent on GPU 1 with a flip and a copy-in consumer that check every read
+#    (host memory, then on GPU 1 through the Python client); an agent with its staging on disk refusing to start.
 # 4. Faults with those consumers: the engine SIGKILLed while versions stream, the engine stopped (SIGSTOP) past the
 #    group's deadline, the agent SIGKILLed; each consumer must still serve whole versions only (torn=0).
 # 5. Llama-3-8B end to end through the agent.
@@ -53,14 +54,18 @@ agent() { # NAME
   echo $! > /tmp/$1/pid
   for i in $(seq 200); do [ -S /tmp/$1/agent.sock ] && break; sleep 0.1; done
 }
-consumers() { # AGENT MODEL
+consumers() { # AGENT LAYOUT [gpu]: a flip and a copy-in consumer of weight set m, in host memory (demo-peer) or on GPU 1 (Python)
   for mode in flip copy-in; do
     mkfifo /tmp/$1/$mode.in
-    $A demo-peer consumer /tmp/$1/agent.sock m "$2" $mode < /tmp/$1/$mode.in > $OUT/$1-$mode.log 2>&1 &
+    if [ "${3:-}" = gpu ]; then
+      CUDA_VISIBLE_DEVICES=1 python3 perf/two-gpus/gpu_consumer.py /tmp/$1/agent.sock m "$2" $mode < /tmp/$1/$mode.in > $OUT/$1-$mode.log 2>&1 &
+    else
+      $A demo-peer consumer /tmp/$1/agent.sock m "layout:$2" $mode < /tmp/$1/$mode.in > $OUT/$1-$mode.log 2>&1 &
+    fi
     echo $! > /tmp/$1/$mode.pid
   done
   exec 7>/tmp/$1/flip.in 8>/tmp/$1/copy-in.in
-  for i in $(seq 300); do grep -q ready $OUT/$1-flip.log 2>/dev/null && grep -q ready $OUT/$1-copy-in.log 2>/dev/null && break; sleep 0.1; done
+  for i in $(seq 600); do grep -q ready $OUT/$1-flip.log 2>/dev/null && grep -q ready $OUT/$1-copy-in.log 2>/dev/null && break; sleep 0.1; done
 }
 stop_consumers() { # AGENT
   echo stop >&7; echo stop >&8; exec 7>&- 8>&-
@@ -77,7 +82,7 @@ if [ $B = cuda ]; then
   echo "exit $?"; grep -m1 -i "staging directory" $OUT/disk-serve.log
 fi
 echo "== 3b. mid layout through a serve agent on GPU 1 with a flip and a copy-in consumer, 3 versions"
-agent e2e; consumers e2e layout:perf/two-gpus/mid.json
+agent e2e; consumers e2e perf/two-gpus/mid.json
 g=$(group 29533)
 $A transfer --group $g --member 0 --layout perf/two-gpus/mid.json --tp 1 --versions 3 --backend $B > $OUT/e2e-m0.log 2>&1 &
 p=$!
@@ -86,14 +91,32 @@ wait $p; echo "member 0 exit $?"; cat $OUT/e2e-m0.log
 sleep 1; stop_consumers e2e
 $A audit show --log /tmp/e2e/state/audit.jsonl | tail -3
 
+if [ $B = cuda ]; then
+  echo "== 3c. the same with GPU consumers on GPU 1 (the Python client's GpuConsumer, checking every version on the GPU), 3 versions"
+  agent gpu; consumers gpu perf/two-gpus/mid.json gpu
+  g=$(group 29538)
+  $A transfer --group $g --member 0 --layout perf/two-gpus/mid.json --tp 1 --versions 3 --backend $B > $OUT/gpu-m0.log 2>&1 &
+  p=$!
+  timeout 180 $A transfer --group $g --member 1 --layout perf/two-gpus/mid.json --tp 1 --versions 3 --backend $B --agent /tmp/gpu/agent.sock --weight-set m 2>&1 | tee $OUT/gpu-m1.log
+  wait $p; echo "member 0 exit $?"
+  sleep 1; stop_consumers gpu
+  grep -E "activated|staging in" $OUT/gpu-serve.log
+fi
+
+# An agent NAME on GPU 1 with its two consumers, then both members streaming VERSIONS versions of the 265 MB layout
+# (deadline 10 s), the engine publishing to that agent; returns once the engine has published version 3 (p0, p1 set).
+stream_versions() { # NAME PORT VERSIONS
+  local g; g=$(group $2 10)
+  agent $1; consumers $1 perf/two-gpus/mid.json
+  $A transfer --group $g --member 0 --layout perf/two-gpus/mid.json --tp 1 --versions $3 --backend $B > $OUT/$1-m0.log 2>&1 &
+  p0=$!
+  $A transfer --group $g --member 1 --layout perf/two-gpus/mid.json --tp 1 --versions $3 --backend $B --agent /tmp/$1/agent.sock --weight-set m > $OUT/$1-m1.log 2>&1 &
+  p1=$!
+  wait_for $OUT/$1-m1.log "version 3:" 120
+}
+
 echo "== 4a. faults: the engine (rank 1) SIGKILLed while versions stream; deadline 10 s"
-g=$(group 29534 10)
-agent kill; consumers kill layout:perf/two-gpus/mid.json
-$A transfer --group $g --member 0 --layout perf/two-gpus/mid.json --tp 1 --versions 40 --backend $B > $OUT/kill-m0.log 2>&1 &
-p0=$!
-$A transfer --group $g --member 1 --layout perf/two-gpus/mid.json --tp 1 --versions 40 --backend $B --agent /tmp/kill/agent.sock --weight-set m > $OUT/kill-m1.log 2>&1 &
-p1=$!
-wait_for $OUT/kill-m1.log "version 3:" 120
+stream_versions kill 29534 40
 t=$(now); kill -9 $p1
 wait_for $OUT/kill-m0.log "failed" 60 && echo "member 0 reported the failure $(since $t) s after the kill (polled every 0.1 s):"
 grep -m1 failed $OUT/kill-m0.log
@@ -101,13 +124,7 @@ kill $p0; wait $p0 2>/dev/null
 sleep 2; stop_consumers kill
 
 echo "== 4b. faults: the engine (rank 1) stopped with SIGSTOP past the deadline (10 s)"
-g=$(group 29535 10)
-agent stall; consumers stall layout:perf/two-gpus/mid.json
-$A transfer --group $g --member 0 --layout perf/two-gpus/mid.json --tp 1 --versions 40 --backend $B > $OUT/stall-m0.log 2>&1 &
-p0=$!
-$A transfer --group $g --member 1 --layout perf/two-gpus/mid.json --tp 1 --versions 40 --backend $B --agent /tmp/stall/agent.sock --weight-set m > $OUT/stall-m1.log 2>&1 &
-p1=$!
-wait_for $OUT/stall-m1.log "version 3:" 120
+stream_versions stall 29535 40
 t=$(now); kill -STOP $p1
 wait_for $OUT/stall-m0.log "failed" 60 && echo "member 0 reported the failure $(since $t) s after the stop (deadline 10 s):"
 grep -m1 failed $OUT/stall-m0.log
@@ -115,13 +132,7 @@ kill $p0; wait $p0 2>/dev/null; kill -9 $p1
 sleep 2; stop_consumers stall
 
 echo "== 4c. faults: the engine's agent SIGKILLed while versions stream"
-g=$(group 29536 10)
-agent dead; consumers dead layout:perf/two-gpus/mid.json
-$A transfer --group $g --member 0 --layout perf/two-gpus/mid.json --tp 1 --versions 8 --backend $B > $OUT/dead-m0.log 2>&1 &
-p0=$!
-$A transfer --group $g --member 1 --layout perf/two-gpus/mid.json --tp 1 --versions 8 --backend $B --agent /tmp/dead/agent.sock --weight-set m > $OUT/dead-m1.log 2>&1 &
-p1=$!
-wait_for $OUT/dead-m1.log "version 3:" 120
+stream_versions dead 29536 8
 kill -9 $(cat /tmp/dead/pid)
 wait $p1; echo "member 1 exit $?"; grep -m2 failed $OUT/dead-m1.log
 wait $p0; echo "member 0 exit $?"
@@ -129,12 +140,12 @@ sleep 2; stop_consumers dead
 
 [ $B = cuda ] || { for a in e2e kill stall dead; do kill $(cat /tmp/$a/pid) 2>/dev/null; done; wait; exit 0; }
 echo "== 5. Llama-3-8B TP1 end to end through the agent on GPU 1, 3 versions"
-agent llama; consumers llama layout:perf/layouts/llama-3-8b.json
+agent llama; consumers llama perf/layouts/llama-3-8b.json
 g=$(group 29537)
 $A transfer --group $g --member 0 --layout perf/layouts/llama-3-8b.json --tp 1 --versions 3 --backend $B > $OUT/llama-m0.log 2>&1 &
 p=$!
 timeout 300 $A transfer --group $g --member 1 --layout perf/layouts/llama-3-8b.json --tp 1 --versions 3 --backend $B --agent /tmp/llama/agent.sock --weight-set m 2>&1 | tee $OUT/llama-m1.log
 wait $p; echo "member 0 exit $?"; cat $OUT/llama-m0.log
 sleep 3; stop_consumers llama
-for a in e2e kill stall dead llama; do kill $(cat /tmp/$a/pid) 2>/dev/null; done; wait
-rm -rf /dev/shm/e2e /dev/shm/kill /dev/shm/stall /dev/shm/dead /dev/shm/llama
+for a in e2e gpu kill stall dead llama; do kill $(cat /tmp/$a/pid) 2>/dev/null; done; wait
+rm -rf /dev/shm/e2e /dev/shm/gpu /dev/shm/kill /dev/shm/stall /dev/shm/dead /dev/shm/llama

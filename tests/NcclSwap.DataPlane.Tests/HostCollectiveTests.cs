@@ -115,6 +115,34 @@ public class HostCollectiveTests
     }
 
     [Fact]
+    public void A_peer_the_watch_declares_lost_ends_a_wait_in_flight_and_every_later_call_naming_it()
+    {
+        using var backend = new HostBackend();
+        (ICollective collective, PeerProcess peer) = JoinWithStalledPeer(backend, TimeSpan.FromSeconds(30));
+        using var _ = collective;
+        using var __ = peer;
+        PeerLoss? lost = null;
+        collective.WatchPeers(() => lost);
+        using IDeviceBuffer buffer = backend.Allocate(1000);
+        using ICopyStream stream = backend.CreateStream();
+        var clock = Stopwatch.StartNew();
+        var declare = new Thread(() =>
+        {
+            Thread.Sleep(500);
+            lost = new PeerLoss(1, "rank 1 (a test's peer) sent nothing for 5 s");
+        });
+        declare.Start();
+        var e = Assert.Throws<CollectiveException>(() => collective.Receive(buffer, 0, 1000, 1, stream));
+        declare.Join();
+        Assert.Equal(1, e.Peer);
+        Assert.Contains("sent nothing for 5 s", e.Message);
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(10), $"the wait ended after {clock.Elapsed}, not at the loss (the deadline is 30 s)");
+        var later = Assert.Throws<CollectiveException>(() => collective.Send(buffer, 0, 1000, 1, stream));
+        Assert.Equal(1, later.Peer);
+        Assert.Contains("sent nothing for 5 s", later.Message);
+    }
+
+    [Fact]
     public void Mismatched_operations_are_reported_not_misread()
     {
         using var backend = new HostBackend();

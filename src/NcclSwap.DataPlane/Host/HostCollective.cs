@@ -392,6 +392,8 @@ public sealed class HostCollective : ICollective
 
     private void ThrowIfBroken()
     {
+        if (_lostPeer is { } loss)
+            throw new CollectiveException($"rank {Rank}: the collective was aborted: {loss.Why}", loss.Rank);
         if (_broken is { } why)
             throw new CollectiveException($"rank {Rank}: the collective is unusable ({why}); dispose it and join a new one", null);
     }
