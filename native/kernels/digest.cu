@@ -163,7 +163,7 @@ struct range_desc {
 
 struct range_batch {
     uint32_t count;
-    uint32_t reserved;
+    uint32_t tiles;       // the tiles of all ranges; a launch of fewer blocks goes over them in strides
     range_desc r[MAX_RANGES];
 };
 
@@ -195,7 +195,9 @@ __device__ __forceinline__ uint32_t find_entry(const T* entries, uint32_t count,
     return lo;
 }
 
-// One block per tile of TILE_LEAVES leaves (512 KiB) of a range; blockDim.x must be 2 * TILE_LEAVES.
+// A tile is TILE_LEAVES leaves (512 KiB) of a range, worked on by one block; blockDim.x must be 2 * TILE_LEAVES.
+// A block takes tiles blockIdx.x, blockIdx.x + gridDim.x, ...: a grid of one block per tile runs at the memory's
+// bandwidth, a smaller one leaves bandwidth to other work (a transfer's wire beside its digests).
 //
 // With leaves: two threads per leaf. XXH64 keeps four lanes, each fed every fourth 8-byte word; the even thread
 // keeps lanes 1 and 2 (the first 16 bytes of each 32-byte stripe), the odd one lanes 3 and 4, so a warp's
@@ -203,16 +205,15 @@ __device__ __forceinline__ uint32_t find_entry(const T* entries, uint32_t count,
 // bytes are written as they are hashed, so a copy yields the digests of what it read. Without leaves: a plain
 // copy. The fast paths need the source and destination 16-byte aligned; a source that is not is hashed bytewise
 // (the host never asks to copy it).
-extern "C" __global__ void __launch_bounds__(2 * TILE_LEAVES)
-copy_digest_ranges(const __grid_constant__ range_batch batch)
+__device__ __forceinline__ void copy_digest_tile(const range_batch& batch, const uint64_t tile)
 {
-    const range_desc& r = batch.r[find_entry(batch.r, batch.count, blockIdx.x, &range_desc::first_tile)];
+    const range_desc& r = batch.r[find_entry(batch.r, batch.count, tile, &range_desc::first_tile)];
     const uint8_t* data = r.src;
     uint8_t* dst = r.dst;
     const uint64_t length = r.length;
     uint64_t* out = r.leaves;
     const uint64_t leaves = length == 0 ? 1 : (length + LEAF_BYTES - 1) / LEAF_BYTES;
-    const uint64_t first = (blockIdx.x - r.first_tile) * TILE_LEAVES;
+    const uint64_t first = (tile - r.first_tile) * TILE_LEAVES;
     const bool aligned = ((uintptr_t)data & 15) == 0 && ((uintptr_t)dst & 15) == 0;
 
     if (out == nullptr) {
@@ -297,6 +298,13 @@ copy_digest_ranges(const __grid_constant__ range_batch batch)
         const uint64_t h = n >= 32 ? xxh_converge(a, b, c, d) : P5;
         out[leaf] = xxh64_finish(h + n, rest, data + at + n, true);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(2 * TILE_LEAVES)
+copy_digest_ranges(const __grid_constant__ range_batch batch)
+{
+    for (uint64_t tile = blockIdx.x; tile < batch.tiles; tile += gridDim.x)
+        copy_digest_tile(batch, tile);
 }
 
 // One thread per group of FANOUT hashes of the level below, for every entry of the batch: entry i's groups are

@@ -184,6 +184,42 @@ internal static class BackendConformance
     }
 
     /// <summary>
+    /// A digest queue on a stream: digests of ranges (an empty one, odd offsets and lengths) and digesting copies,
+    /// enqueued behind a copy on the same stream and collected at once, equal the CPU's digests of the same bytes, in
+    /// enqueue order; the copies land; after a collect the indices start again. <paramref name="size"/> large enough
+    /// makes the GPU's leaf kernel, whose blocks are capped, stride over several tiles per block.
+    /// </summary>
+    public static void DigestQueueMatchesTheCpu(IBackend backend, int size, int seed)
+    {
+        byte[] data = TestData.Random(size, seed);
+        using IDeviceBuffer staged = backend.Allocate(size);
+        using IDeviceBuffer from = backend.Allocate(size);
+        using IDeviceBuffer to = backend.Allocate(size);
+        backend.Upload(data, staged);
+        byte[] background = TestData.Random(size, seed + 1);
+        backend.Upload(background, to);
+        using ICopyStream stream = backend.CreateStream();
+        using IDigestQueue queue = backend.CreateDigestQueue(stream);
+        stream.CopyAsync(from, 0, staged, 0, size); // the digests read what this copy writes: stream order
+        (long Offset, long Length)[] ranges = [(0, size / 2), (size / 2 + 1, size / 3), (size - 4097, 4097), (7, 0), (5, 100)];
+        CopyRun[] runs = [new(0, 16, size / 4), new(size / 2 + 3, size / 4 + 1000, 12_345)];
+        Assert.Equal(0, queue.Digest(from, ranges[..3]));
+        Assert.Equal(3, queue.CopyAndDigest(to, from, runs));
+        Assert.Equal(5, queue.Digest(from, ranges[3..]));
+        Digest[] got = queue.Collect();
+        Digest Cpu(long offset, long length) => BlockDigest.Compute(data.AsSpan((int)offset, (int)length));
+        Digest[] expected = [.. ranges[..3].Select(r => Cpu(r.Offset, r.Length)), .. runs.Select(r => Cpu(r.From, r.Bytes)), .. ranges[3..].Select(r => Cpu(r.Offset, r.Length))];
+        Assert.Equal(expected, got);
+        byte[] landed = new byte[size];
+        backend.Download(to, 0, landed);
+        foreach (CopyRun run in runs)
+            data.AsSpan((int)run.From, (int)run.Bytes).CopyTo(background.AsSpan((int)run.To));
+        Assert.True(background.AsSpan().SequenceEqual(landed), $"{backend.Kind}: the queue's copies did not land as the runs say (seed {seed})");
+        Assert.Equal(0, queue.Digest(from, [(1, 2)]));
+        Assert.Equal([Cpu(1, 2)], queue.Collect());
+    }
+
+    /// <summary>
     /// Many runs in one call (more than one kernel launch holds on CUDA), from a segmented source into device memory
     /// and into mapped host memory: lengths from 0 to several tiles, odd and 16-byte-aligned offsets (copy engines
     /// and kernel on CUDA). Every run lands, nothing between runs changes, and <see cref="IBackend.CopyAndDigest"/>

@@ -56,6 +56,13 @@ public class HostBackendTests
     }
 
     [Fact]
+    public void A_digest_queue_gives_the_cpu_digests_of_what_its_stream_wrote_in_enqueue_order()
+    {
+        using var backend = new HostBackend();
+        BackendConformance.DigestQueueMatchesTheCpu(backend, 5 * 1_048_576 + 333, TestData.NewSeed());
+    }
+
+    [Fact]
     public void Many_runs_copy_in_one_call_and_a_copy_digests_what_it_read()
     {
         using var backend = new HostBackend();

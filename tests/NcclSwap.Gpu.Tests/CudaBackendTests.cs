@@ -25,6 +25,15 @@ public class CudaBackendTests
     }
 
     [Fact]
+    public void A_digest_queue_gives_the_cpu_digests_while_its_capped_blocks_stride_over_many_tiles()
+    {
+        Gpu.RequireContext().Dispose();
+        using var backend = new CudaBackend(0);
+        // 300 MiB: about 600 tiles of 512 KiB against one block per multiprocessor, so each block digests several.
+        BackendConformance.DigestQueueMatchesTheCpu(backend, 300 * 1_048_576 + 333, TestData.NewSeed());
+    }
+
+    [Fact]
     public void Strided_copies_land_row_by_row_as_2d_copies()
     {
         Gpu.RequireContext().Dispose();

@@ -8,10 +8,20 @@ namespace NcclSwap.DataPlane;
 /// queue's stream, the roots landing in a device array of the queue's own; <see cref="Collect"/> waits for the stream,
 /// downloads the roots once and finishes each digest with its length. The kernels' scratch memory is the queue's and
 /// is reused in stream order; when an enqueue needs more of it or of the roots array, the queue waits for its stream
-/// first (so that nothing in flight uses the memory it replaces).
+/// first (so that nothing in flight uses the memory it replaces). The leaf kernel runs with
+/// <see cref="BlocksPerSm"/> blocks per multiprocessor at most, so that it takes a share of the memory's bandwidth and
+/// leaves the rest to the work beside it (a transfer's wire), rather than all of it in bursts.
 /// </summary>
 internal sealed class CudaDigestQueue(CudaBackend backend, CudaCopyStream stream) : IDigestQueue
 {
+    /// <summary>
+    /// Leaf-kernel blocks per multiprocessor: <c>NCCL_SWAP_DIGEST_BLOCKS_PER_SM</c>, 1 by default (the best of 0, 1, 2
+    /// and 4 for a transfer between two H100s; perf/README.md); 0 for a block per tile (all the bandwidth).
+    /// </summary>
+    public static readonly int BlocksPerSm =
+        int.TryParse(Environment.GetEnvironmentVariable("NCCL_SWAP_DIGEST_BLOCKS_PER_SM"), out int n) && n >= 0 ? n : 1;
+
+    private readonly int _maxBlocks = BlocksPerSm * backend.Context.Device.MultiprocessorCount;
     private readonly List<long> _lengths = [];
     private readonly List<ulong> _early = []; // roots downloaded before the array grew
     private DeviceBuffer? _roots, _scratch;
@@ -49,7 +59,7 @@ internal sealed class CudaDigestQueue(CudaBackend backend, CudaCopyStream stream
             _roots = null;
             _roots = DeviceBuffer.Allocate(backend.Context, Math.Max(ranges.Count, 4096) * 8L);
         }
-        backend.Kernels.EnqueueRoots(ranges, stream.Stream, _scratch.Address, _roots.Address + (ulong)_inArray * 8);
+        backend.Kernels.EnqueueRoots(ranges, stream.Stream, _scratch.Address, _roots.Address + (ulong)_inArray * 8, _maxBlocks);
         _inArray += ranges.Count;
         _lengths.AddRange(ranges.Select(r => r.Length));
         return first;

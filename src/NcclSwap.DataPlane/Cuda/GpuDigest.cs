@@ -105,21 +105,22 @@ public sealed class GpuDigest : IDisposable
     /// and returns at once: range i's root (<see cref="BlockDigest.FromRoot"/> makes its digest) lands in the 8 bytes
     /// at device address <paramref name="roots"/> + 8 i; <paramref name="work"/> is scratch of
     /// <see cref="WorkWords"/> words, which the kernels use in stream order (so one scratch serves one stream).
-    /// Thread-safe: the caller's memory only.
+    /// Thread-safe: the caller's memory only. <paramref name="maxBlocks"/> (when positive) caps the leaf kernel's
+    /// blocks, leaving the memory's bandwidth to other work beside it.
     /// </summary>
-    public void EnqueueRoots(IReadOnlyList<(ulong Destination, ulong Source, long Length)> ranges, CudaStream stream, ulong work, ulong roots)
+    public void EnqueueRoots(IReadOnlyList<(ulong Destination, ulong Source, long Length)> ranges, CudaStream stream, ulong work, ulong roots, int maxBlocks = 0)
     {
         foreach ((ulong destination, ulong source, _) in ranges)
             if (destination != 0 && !CanCopy(destination, source))
                 throw new ArgumentException($"0x{source:x} -> 0x{destination:x}: the copy kernel needs both addresses 16-byte aligned");
         if (ranges.Count > 0)
-            Enqueue(ranges.Select(r => new Range(r.Source, r.Destination, r.Length)).ToList(), stream, work, roots);
+            Enqueue(ranges.Select(r => new Range(r.Source, r.Destination, r.Length)).ToList(), stream, work, roots, maxBlocks);
     }
 
     /// <summary>Words of scratch that <see cref="EnqueueRoots"/> needs for ranges of these lengths.</summary>
     public static long WorkWords(IEnumerable<long> lengths) => lengths.Sum(ScratchWords);
 
-    private void Enqueue(List<Range> ranges, CudaStream stream, ulong scratch, ulong roots)
+    private void Enqueue(List<Range> ranges, CudaStream stream, ulong scratch, ulong roots, int maxBlocks = 0)
     {
         int n = ranges.Count;
         var next = new long[n]; // each range's next free word of scratch
@@ -141,7 +142,7 @@ public sealed class GpuDigest : IDisposable
             next[i] += count[i];
             entries[i] = new RangeEntry { Source = ranges[i].Source, Destination = ranges[i].Destination, Length = (ulong)ranges[i].Length, Leaves = input[i] };
         }
-        LaunchLeaves(entries, stream);
+        LaunchLeaves(entries, stream, maxBlocks);
 
         var level = new List<LevelEntry>(n);
         while (true)
@@ -163,7 +164,8 @@ public sealed class GpuDigest : IDisposable
         }
     }
 
-    private void LaunchLeaves(Span<RangeEntry> entries, CudaStream stream)
+    /// <summary>One launch per <see cref="MaxRanges"/> ranges: a block per tile, or at most <paramref name="maxBlocks"/> (when positive) that stride over the tiles.</summary>
+    private void LaunchLeaves(Span<RangeEntry> entries, CudaStream stream, int maxBlocks = 0)
     {
         for (int start = 0; start < entries.Length; start += MaxRanges)
         {
@@ -178,7 +180,9 @@ public sealed class GpuDigest : IDisposable
                 tiles += (ulong)((BlockDigest.LeafCount((long)entry.Length) + TileLeaves - 1) / TileLeaves);
             }
             batch.Count = (uint)count;
-            _leaves.Launch(checked((uint)tiles), TileThreads, stream, new KernelArguments().Add(in batch, 8));
+            batch.Tiles = checked((uint)tiles);
+            uint blocks = maxBlocks > 0 ? (uint)Math.Min(tiles, (ulong)maxBlocks) : batch.Tiles;
+            _leaves.Launch(blocks, TileThreads, stream, new KernelArguments().Add(in batch, 8));
         }
     }
 
@@ -241,7 +245,7 @@ public sealed class GpuDigest : IDisposable
     private struct RangeBatch
     {
         public uint Count;
-        public uint Reserved;
+        public uint Tiles; // all the ranges' tiles; a launch of fewer blocks strides over them
         public RangeEntries Entries;
     }
 
