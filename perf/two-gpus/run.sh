@@ -6,7 +6,7 @@
 #    destination on GPU 1: Llama-3-8B TP1, and Qwen3-235B-A22B layers as a TP8 engine's destination 0.
 # 3. nccl-swap transfer, trainer on GPU 0, engine on GPU 1: hashes of a 265 MB layout (to compare with the host run),
 #    then the engine publishing into a serve agent on GPU 1 with a flip and a copy-in consumer that check every read
-#    (host memory, then on GPU 1 through the Python client); an agent with its staging on disk refusing to start.
+#    (host memory, then on GPU 1 through the Python client); an agent with its staging on disk warning at start.
 # 4. Faults with those consumers: the engine SIGKILLed while versions stream, the engine stopped (SIGSTOP) past the
 #    group's deadline, the agent SIGKILLed; each consumer must still serve whole versions only (torn=0).
 # 5. Llama-3-8B end to end through the agent.
@@ -76,10 +76,10 @@ wait_for() { # FILE PATTERN SECONDS
 }
 
 if [ $B = cuda ]; then
-  echo "== 3a. an agent whose staging directory is on disk ($(stat -f -c %T /tmp)) refuses to start"
+  echo "== 3a. an agent whose staging directory is on disk ($(stat -f -c %T /tmp)) says so at start (and serves on)"
   NCCL_SWAP_Agent__SocketPath=/tmp/disk/agent.sock NCCL_SWAP_Agent__StateDirectory=/tmp/disk/state NCCL_SWAP_Agent__StagingDirectory=/tmp/disk/staging \
-    NCCL_SWAP_Agent__Backend=cuda NCCL_SWAP_Agent__Roles__Users__0=publisher timeout 60 $A serve > $OUT/disk-serve.log 2>&1
-  echo "exit $?"; grep -m1 -i "staging directory" $OUT/disk-serve.log
+    NCCL_SWAP_Agent__Backend=cuda NCCL_SWAP_Agent__Roles__Users__0=publisher timeout 10 $A serve > $OUT/disk-serve.log 2>&1
+  echo "exit $? (124: still serving after 10 s)"; grep -m1 -i "staging directory" $OUT/disk-serve.log
 fi
 echo "== 3b. mid layout through a serve agent on GPU 1 with a flip and a copy-in consumer, 3 versions"
 agent e2e; consumers e2e perf/two-gpus/mid.json

@@ -106,6 +106,30 @@ public sealed partial class LifecycleTests
     }
 
     [Fact]
+    public async Task An_agent_whose_staging_files_cannot_be_mapped_says_so_at_start_and_activates_nothing_until_they_can()
+    {
+        // As the CUDA driver refuses to page-lock files on disk: every staging file's mapping fails.
+        await using TestAgent agent = TestAgent.Start(unmappable: "staging");
+        agent.WaitForLog($"staging directory '{agent.StagingDirectory}' cannot hold staging files");
+        agent.WaitForLog("set NCCL_SWAP_Agent__StagingDirectory to a directory on tmpfs");
+        Assert.Empty(Directory.EnumerateFileSystemEntries(agent.StagingDirectory)); // the probe's file is gone again
+        using var copyIn = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
+        using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
+
+        PublishResult refused = Publish(publisher, 1);
+        Assert.False(refused.Ok, $"{refused}");
+        Assert.Contains("CUDA_ERROR_INVALID_VALUE", refused.Detail);
+        copyIn.Step();
+        Assert.Equal(0UL, copyIn.Version);
+        Assert.Equal(0UL, agent.Core!.Table.ReadEntry(0).LastGood);
+
+        agent.Backend!.RefuseMapHost(null); // the directory fixed: the next version goes through
+        Assert.True(Publish(publisher, 2).Ok);
+        StepUntil(agent, copyIn, 2);
+        AssertHolds(copyIn, 2);
+    }
+
+    [Fact]
     public async Task Rollback_restores_the_previous_bytes_exactly_and_leaves_nothing_to_roll_back_to()
     {
         await using TestAgent agent = TestAgent.Start();

@@ -62,12 +62,13 @@ internal sealed class TestAgent : IAsyncDisposable
     private static string StagingFor(string folder) =>
         Directory.Exists("/dev/shm") ? Path.Combine("/dev/shm", Path.GetFileName(folder) + "-staging") : Path.Combine(folder, "staging");
 
-    /// <summary>An agent in this process.</summary>
-    public static TestAgent Start(UpdatePolicy policy = UpdatePolicy.Queue, TimeSpan? ackTimeout = null, StagingPlacement placement = StagingPlacement.Auto)
+    /// <summary>An agent in this process; <paramref name="unmappable"/>: host memory its backend refuses to map from the start (<see cref="FlakyBackend.RefuseMapHost"/>).</summary>
+    public static TestAgent Start(UpdatePolicy policy = UpdatePolicy.Queue, TimeSpan? ackTimeout = null, StagingPlacement placement = StagingPlacement.Auto, string? unmappable = null)
     {
         string folder = Directory.CreateTempSubdirectory("nccl-swap-agent-").FullName;
         var log = new TestLog();
         var backend = new FlakyBackend(new HostBackend());
+        backend.RefuseMapHost(unmappable);
         AgentOptions options = Options(folder, policy, ackTimeout ?? TimeSpan.FromSeconds(30)) with { Placement = placement };
         return new TestAgent(folder, AgentCore.Start(options, backend, log), backend, log, options);
     }

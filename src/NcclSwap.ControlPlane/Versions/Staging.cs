@@ -56,29 +56,33 @@ internal sealed class StagingBuffer : IDisposable
     }
 
     /// <summary>
-    /// Checks that staging files in <paramref name="directory"/> can be mapped for <paramref name="backend"/> (on CUDA:
-    /// page-locked with cuMemHostRegister, which refuses file mappings of a disk filesystem), with a one-page file made
-    /// and removed again; throws <see cref="InvalidOperationException"/> naming the directory and what to do.
+    /// Whether staging files in <paramref name="directory"/> can be mapped for <paramref name="backend"/> (on CUDA:
+    /// page-locked with cuMemHostRegister, which the driver refuses for files on disk), tried with a one-page file made
+    /// and removed again: null if they can, else what is wrong and what to do.
     /// </summary>
-    public static void Probe(string directory, IBackend backend)
+    public static string? Probe(string directory, IBackend backend)
     {
         string path = System.IO.Path.Combine(directory, $".probe-{Environment.ProcessId}");
         try
         {
             using StagingBuffer probe = Create(path, 4096, backend);
+            return null;
         }
-        catch (Exception e) when (e is not OutOfMemoryException)
+        catch (Exception e) when (e is NcclSwap.Cuda.CudaException or IOException or UnauthorizedAccessException)
         {
-            throw new InvalidOperationException(
-                $"staging directory '{directory}' cannot hold staging files for {backend.Description}: {e.Message}. " +
-                "Staging files must be page-locked for the GPU, which works for a memory filesystem (tmpfs, as /dev/shm and /run are) " +
-                "and not for files on disk: set NCCL_SWAP_Agent__StagingDirectory to a directory on tmpfs", e);
+            return Unmappable(directory, backend, e);
         }
         finally
         {
             File.Delete(path);
         }
     }
+
+    /// <summary>Why a staging file in <paramref name="directory"/> could not be mapped, and what to do.</summary>
+    private static string Unmappable(string directory, IBackend backend, Exception e) =>
+        $"staging directory '{directory}' cannot hold staging files for {backend.Description}: {e.Message}. " +
+        "Staging files must be page-locked for the GPU, which works for a memory filesystem (tmpfs, as /dev/shm and /run are) " +
+        "and not for files on disk: set NCCL_SWAP_Agent__StagingDirectory to a directory on tmpfs";
 
     /// <summary>An existing file, as a previous life of the agent left it.</summary>
     public static StagingBuffer Open(string path, IBackend backend) => Wrap(path, SharedRegion.Open(path), backend);

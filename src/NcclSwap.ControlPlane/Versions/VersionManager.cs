@@ -66,7 +66,10 @@ public sealed class VersionManager : ISessionHost, IRequestHandler, IDisposable
         Options = options;
         Log = log;
         Directory.CreateDirectory(options.StagingDirectory);
-        StagingBuffer.Probe(options.StagingDirectory, backend); // at start, not at the first publish
+        // Versions staged in GPU memory need no file; those staged in host memory (shared-memory publishers, or GPU
+        // memory too short) fail naming the directory. Said at start rather than first at a publish.
+        if (StagingBuffer.Probe(options.StagingDirectory, backend) is { } problem)
+            log.LogWarning("{Problem}. Until then every version staged in host memory fails; versions staged in GPU memory are not affected", problem);
         AgentState state = store.Load();
         _auditPosition = state.AuditPosition;
         foreach (WeightSetState set in state.WeightSets)

@@ -5,7 +5,8 @@ namespace NcclSwap.DataPlane;
 /// <summary>
 /// A backend that hands everything to another and, when told to, spoils bytes the way failing hardware would:
 /// after a copy into a buffer whose name contains a given text, it flips one bit in the middle of the range just
-/// written. For tests of the layers above the seam (verification, re-sending, refusing to activate); it works over
+/// written; or refuses to map host memory whose name contains a text, as a driver refuses to page-lock files on
+/// disk. For tests of the layers above the seam (verification, re-sending, refusing to activate); it works over
 /// either backend, since it reads and writes the byte through the inner backend.
 /// </summary>
 public sealed class FlakyBackend(IBackend inner) : IBackend
@@ -13,6 +14,7 @@ public sealed class FlakyBackend(IBackend inner) : IBackend
     private readonly Lock _lock = new();
     private readonly List<Rule> _rules = [];
     private int _corrupted;
+    private string? _unmappable;
 
     public IBackend Inner { get; } = inner;
 
@@ -25,6 +27,9 @@ public sealed class FlakyBackend(IBackend inner) : IBackend
         lock (_lock)
             _rules.Add(new Rule(target, count));
     }
+
+    /// <summary>From now on <see cref="MapHost"/> refuses memory whose name contains <paramref name="name"/> (null: none), with the error CUDA gives.</summary>
+    public void RefuseMapHost(string? name) => _unmappable = name;
 
     /// <summary>Forgets every rule not yet used up.</summary>
     public void Heal()
@@ -41,7 +46,10 @@ public sealed class FlakyBackend(IBackend inner) : IBackend
 
     public IDeviceBuffer Allocate(long length) => Inner.Allocate(length);
 
-    public IDeviceBuffer MapHost(nint pointer, long length, bool readOnly, string name) => Inner.MapHost(pointer, length, readOnly, name);
+    public IDeviceBuffer MapHost(nint pointer, long length, bool readOnly, string name) =>
+        _unmappable is { } refused && name.Contains(refused, StringComparison.Ordinal)
+            ? throw new CudaException(CuResult.InvalidValue, "CUDA_ERROR_INVALID_VALUE", $"invalid argument (flaky backend: {name} refused, as a file on disk is)", "cuMemHostRegister")
+            : Inner.MapHost(pointer, length, readOnly, name);
 
     public IDeviceBuffer OpenIpc(CuIpcMemHandle handle, long offset, long length, string name) => Inner.OpenIpc(handle, offset, length, name);
 
