@@ -68,13 +68,20 @@ internal sealed class StagingBuffer : IDisposable
             using StagingBuffer probe = Create(path, 4096, backend);
             return null;
         }
-        catch (Exception e) when (e is NcclSwap.Cuda.CudaException or IOException or UnauthorizedAccessException)
+        catch (Exception e) when (e is not OutOfMemoryException) // a probe reports; it never stops the agent's start
         {
             return Unmappable(directory, backend, e);
         }
         finally
         {
-            File.Delete(path);
+            try
+            {
+                File.Delete(path);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                // Not made, or not ours to remove: nothing to undo.
+            }
         }
     }
 
