@@ -199,15 +199,21 @@ public sealed class VersionManager : ISessionHost, IRequestHandler, IDisposable
 
     internal void EndSession(long session, string reason) => _door?.End(session, reason);
 
+    /// <summary>Tells every listener, each on its own: one that fails (logged) does not keep the outcome from the others.</summary>
     internal void Report(UpdateOutcome outcome)
     {
-        try
+        if (Updated is not { } listeners)
+            return;
+        foreach (Action<UpdateOutcome> listener in listeners.GetInvocationList().Cast<Action<UpdateOutcome>>())
         {
-            Updated?.Invoke(outcome);
-        }
-        catch (Exception e)
-        {
-            Log.LogError(e, "a listener of update outcomes failed");
+            try
+            {
+                listener(outcome);
+            }
+            catch (Exception e)
+            {
+                Log.LogError(e, "a listener of update outcomes failed on {Set} version {Version}", outcome.WeightSet, outcome.Version);
+            }
         }
     }
 
