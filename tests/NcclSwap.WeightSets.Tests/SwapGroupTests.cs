@@ -42,11 +42,7 @@ public class SwapGroupTests
         {
             string config = WriteConfig(folder, 60);
             // Started in reverse, so members report before the root listens: they wait for it.
-            for (int member = 2; member >= 0; member--)
-                peers.Add(GroupPeer.Start(config, member, 2, 2, seed, folder));
-            foreach (PeerProcess peer in peers)
-                Assert.True(peer.WaitForExit(Generous) == 0, peer.ToString());
-            AssertHolds(PlanPeer.Plan(2, 2), PlanPeer.Model(PlanPeer.Plan(2, 2), seed), folder, seed);
+            DeliverAll(peers, config, seed, folder, [2, 1, 0]);
         }
         finally
         {
@@ -131,6 +127,16 @@ public class SwapGroupTests
         }
     }
 
+    /// <summary>Starts the three members in <paramref name="order"/>; every one exits 0 and every destination holds its parts.</summary>
+    private static void DeliverAll(List<PeerProcess> peers, string config, int seed, string folder, int[] order)
+    {
+        foreach (int member in order)
+            peers.Add(GroupPeer.Start(config, member, 2, 2, seed, folder));
+        foreach (PeerProcess peer in peers)
+            Assert.True(peer.WaitForExit(Generous) == 0, peer.ToString());
+        AssertHolds(PlanPeer.Plan(2, 2), PlanPeer.Model(PlanPeer.Plan(2, 2), seed), folder, seed);
+    }
+
     /// <summary>Starts the three members (member 2 slow) and sends member 2 <paramref name="signal"/> once it has received two buckets.</summary>
     private static void SignalMidTransfer(List<PeerProcess> peers, string config, int seed, string folder, string signal)
     {
@@ -162,11 +168,7 @@ public class SwapGroupTests
             // The next update forms the group again, from the same configuration, and delivers everything.
             peers.ForEach(p => p.Dispose());
             peers.Clear();
-            for (int member = 0; member < 3; member++)
-                peers.Add(GroupPeer.Start(config, member, 2, 2, seed, folder));
-            foreach (PeerProcess peer in peers)
-                Assert.True(peer.WaitForExit(Generous) == 0, peer.ToString());
-            AssertHolds(PlanPeer.Plan(2, 2), PlanPeer.Model(PlanPeer.Plan(2, 2), seed), folder, seed);
+            DeliverAll(peers, config, seed, folder, [0, 1, 2]);
         }
         finally
         {
