@@ -11,6 +11,12 @@ public sealed record AgentOptions(string SocketPath, string StateDirectory, stri
 {
     public StagingPlacement Placement { get; init; } = StagingPlacement.Auto;
 
+    /// <summary>The group that owns the socket (mode 0660), so that its members' clients can connect; null: the agent's own.</summary>
+    public uint? SocketGroup { get; init; }
+
+    /// <summary>Per weight set: signatures, publishers, rollout (<see cref="WeightSetPolicy"/>).</summary>
+    public IReadOnlyDictionary<string, WeightSetPolicy> WeightSets { get; init; } = new Dictionary<string, WeightSetPolicy>();
+
     public string TablePath => Path.Combine(StateDirectory, "versions.table");
 
     /// <summary>The audit log (<see cref="Audit.AuditLog"/>), beside the state.</summary>
@@ -65,8 +71,8 @@ public sealed class AgentCore : IAsyncDisposable
         {
             audit = NcclSwap.ControlPlane.Audit.AuditLog.Open(options.AuditLogPath);
             versions = new VersionManager(table, new StateStore(options.StatePath), backend,
-                new LifecycleOptions(options.StagingDirectory, options.Policy, options.AckTimeout) { Placement = options.Placement }, log);
-            door = new FrontDoor(options.SocketPath, options.TablePath, options.Roles, versions);
+                new LifecycleOptions(options.StagingDirectory, options.Policy, options.AckTimeout) { Placement = options.Placement, WeightSets = options.WeightSets }, log);
+            door = new FrontDoor(options.SocketPath, options.TablePath, options.Roles, versions, options.SocketGroup);
             versions.Attach(door);
             door.Refused += r => log.LogWarning("refused {Peer}: {Reason}", r.Peer, r.Reason);
             door.SessionChanged += (s, started) => log.LogInformation("{Session} {State}{Reason}", s, started ? "started" : "ended", s.EndReason is { } why ? $": {why}" : "");

@@ -92,7 +92,8 @@ public sealed class FrontDoor : IAsyncDisposable
     private static int s_doors;
     private long _nextSession;
 
-    public FrontDoor(string socketPath, string tablePath, RolePolicy policy, ISessionHost? host = null)
+    /// <param name="socketGroup">The group the socket belongs to (mode 0660): other users' clients in it may connect; null: the agent's group.</param>
+    public FrontDoor(string socketPath, string tablePath, RolePolicy policy, ISessionHost? host = null, uint? socketGroup = null)
     {
         SocketPath = socketPath;
         TablePath = tablePath;
@@ -114,6 +115,8 @@ public sealed class FrontDoor : IAsyncDisposable
         _listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         _listener.Bind(new UnixDomainSocketEndPoint(socketPath));
         File.SetUnixFileMode(socketPath, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead | UnixFileMode.GroupWrite);
+        if (socketGroup is uint gid && Interop.Sys.Chown(socketPath, uint.MaxValue, gid) != 0)
+            throw new IOException($"{socketPath}: cannot give the socket to group {gid}: {Marshal.GetLastPInvokeErrorMessage()}");
         _listener.Listen(64);
         _accepting = Task.Run(AcceptLoop);
     }

@@ -1,4 +1,6 @@
 using NcclSwap.ControlPlane.Abi;
+using NcclSwap.ControlPlane.Signing;
+using NcclSwap.DataPlane;
 using NcclSwap.WeightSets;
 
 namespace NcclSwap.ControlPlane;
@@ -76,12 +78,29 @@ public sealed class PublisherClient : IDisposable
     /// <paramref name="wait"/> when the version is activated, superseded or has failed. Throws
     /// <see cref="ChannelClosedException"/> if the agent goes away meanwhile (then <see cref="Reconnect"/>).
     /// </summary>
-    public PublishResult Publish(ulong version, bool wait = false, TimeSpan? timeout = null)
+    /// <remarks>
+    /// With <paramref name="signer"/>, the version goes out signed (<see cref="VersionSignature"/>): over the manifest
+    /// of the tensors as they are now, digested here on the CPU for shared memory, or <paramref name="manifest"/>,
+    /// which a publisher whose tensors are GPU memory must give (their digests taken on the GPU). The agent checks the
+    /// signature against the bytes it took, so the tensors must not change until the snapshot is taken.
+    /// </remarks>
+    public PublishResult Publish(ulong version, bool wait = false, TimeSpan? timeout = null, SigningKey? signer = null, Manifest? manifest = null)
     {
         Request request = _channel.NewRequest(RequestKind.Publish, version, wait ? AbiConstants.PublishWait : (ushort)0);
+        if (signer is not null)
+        {
+            manifest ??= _tensors is { } tensors
+                ? ManifestOf(tensors)
+                : throw new ArgumentException($"the tensors of this publisher of '{_weightSet}' are GPU memory: give the manifest to sign (their digests taken on the GPU)", nameof(manifest));
+            request = VersionSignature.Attach(request, signer.Id, signer.Sign(_weightSet, version, manifest.Sha256));
+        }
         Response response = _channel.Call(request, timeout ?? _timeout);
         return new PublishResult(response.Status, ChannelClient.Detail(response), response.Version);
     }
+
+    /// <summary>The manifest of the tensors in <paramref name="region"/> as they are now: what the agent's snapshot of them yields.</summary>
+    public static Manifest ManifestOf(WeightRegion region) =>
+        region.Layout.ToManifest(region.Layout.Tensors.Select(t => BlockDigest.Compute(region.Pointer + (nint)t.Offset, t.Bytes)).ToList());
 
     /// <summary>A new session with the agent (after it restarted), registering the same tensors.</summary>
     public void Reconnect()

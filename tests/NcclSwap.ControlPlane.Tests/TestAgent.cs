@@ -63,13 +63,17 @@ internal sealed class TestAgent : IAsyncDisposable
         Directory.Exists("/dev/shm") ? Path.Combine("/dev/shm", Path.GetFileName(folder) + "-staging") : Path.Combine(folder, "staging");
 
     /// <summary>An agent in this process; <paramref name="unmappable"/>: host memory its backend refuses to map from the start (<see cref="FlakyBackend.RefuseMapHost"/>).</summary>
-    public static TestAgent Start(UpdatePolicy policy = UpdatePolicy.Queue, TimeSpan? ackTimeout = null, StagingPlacement placement = StagingPlacement.Auto, string? unmappable = null)
+    /// <param name="configure">Changes the options before the agent starts (weight-set policies, roles); it gets the agent's folder.</param>
+    public static TestAgent Start(UpdatePolicy policy = UpdatePolicy.Queue, TimeSpan? ackTimeout = null, StagingPlacement placement = StagingPlacement.Auto, string? unmappable = null,
+        Func<AgentOptions, string, AgentOptions>? configure = null)
     {
         string folder = Directory.CreateTempSubdirectory("nccl-swap-agent-").FullName;
         var log = new TestLog();
         var backend = new FlakyBackend(new HostBackend());
         backend.RefuseMapHost(unmappable);
         AgentOptions options = Options(folder, policy, ackTimeout ?? TimeSpan.FromSeconds(30)) with { Placement = placement };
+        if (configure is not null)
+            options = configure(options, folder);
         return new TestAgent(folder, AgentCore.Start(options, backend, log), backend, log, options);
     }
 

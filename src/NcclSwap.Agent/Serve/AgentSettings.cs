@@ -1,5 +1,6 @@
 using Microsoft.Extensions.Configuration;
 using NcclSwap.ControlPlane;
+using NcclSwap.ControlPlane.Signing;
 using NcclSwap.ControlPlane.Versions;
 
 namespace NcclSwap.Agent.Serve;
@@ -19,6 +20,15 @@ public sealed record AgentSettings(string SocketPath, string StateDirectory, int
     string StagingDirectory = "/run/nccl-swap/staging", UpdatePolicy Policy = UpdatePolicy.Supersede, double AckTimeoutSeconds = 30, string Backend = "auto",
     StagingPlacement Placement = StagingPlacement.Auto)
 {
+    /// <summary>Per weight set: signatures, publishers, canary rollout.</summary>
+    public IReadOnlyDictionary<string, WeightSetPolicy> WeightSets { get; init; } = new Dictionary<string, WeightSetPolicy>();
+
+    /// <summary>The group that owns the socket (mode 0660), so that clients of other users in it can connect; null: the agent's own.</summary>
+    public uint? SocketGroup { get; init; }
+
+    /// <summary>The localhost port of the Prometheus endpoint (<c>/metrics</c>); 0: none.</summary>
+    public int MetricsPort { get; init; }
+
     public const string Section = "Agent";
 
     public string TablePath => Options.TablePath;
@@ -28,6 +38,8 @@ public sealed record AgentSettings(string SocketPath, string StateDirectory, int
     public AgentOptions Options => new(SocketPath, StateDirectory, StagingDirectory, TableCapacity, Roles, Policy, TimeSpan.FromSeconds(AckTimeoutSeconds))
     {
         Placement = Placement,
+        WeightSets = WeightSets,
+        SocketGroup = SocketGroup,
     };
 
     public static AgentSettings Load(IConfiguration configuration)
@@ -87,9 +99,105 @@ public sealed record AgentSettings(string SocketPath, string StateDirectory, int
         if (roles.Users.Count == 0 && roles.Groups.Count == 0)
             problems.Add($"{Section}:Roles: no uid or gid has a role, so every client would be refused");
 
+        uint? socketGroup = null;
+        if (agent["SocketGroup"] is { } groupText)
+        {
+            if (uint.TryParse(groupText, out uint gid))
+                socketGroup = gid;
+            else
+                problems.Add($"{Section}:SocketGroup: '{groupText}' must be a numeric gid");
+        }
+
+        int metricsPort = 0;
+        if (agent["MetricsPort"] is { } portText && (!int.TryParse(portText, out metricsPort) || metricsPort is < 0 or > 65535))
+            problems.Add($"{Section}:MetricsPort: '{portText}' must be a port from 1 to 65535 (0: no metrics endpoint)");
+
+        var weightSets = new Dictionary<string, WeightSetPolicy>(StringComparer.Ordinal);
+        foreach (IConfigurationSection set in agent.GetSection("WeightSets").GetChildren())
+            if (ReadWeightSet(set, problems) is { } read)
+                weightSets[set.Key] = read;
+
         if (problems.Count > 0)
             throw new AgentSettingsException(problems);
-        return new AgentSettings(socket, state, capacity, roles, staging, policy, ackTimeout, backend, placement);
+        return new AgentSettings(socket, state, capacity, roles, staging, policy, ackTimeout, backend, placement)
+        {
+            WeightSets = weightSets,
+            SocketGroup = socketGroup,
+            MetricsPort = metricsPort,
+        };
+    }
+
+    /// <summary>
+    /// <c>Agent:WeightSets:NAME</c>: <c>RequireSignature</c>, <c>TrustedKeys</c> (public key files), <c>Publishers</c>
+    /// (<c>Users</c>, <c>Groups</c>: numeric ids) and <c>Canary</c> (<c>Fraction</c>, <c>MinSeconds</c>, <c>MinSamples</c>,
+    /// <c>MaxErrorRate</c>, <c>MaxP99Ratio</c>, <c>MinQuality</c>, <c>MaxSeconds</c>).
+    /// </summary>
+    private static WeightSetPolicy? ReadWeightSet(IConfigurationSection set, List<string> problems)
+    {
+        string at = $"{Section}:WeightSets:{set.Key}";
+        int before = problems.Count;
+        bool require = false;
+        if (set["RequireSignature"] is { } requireText && !bool.TryParse(requireText, out require))
+            problems.Add($"{at}:RequireSignature: '{requireText}' must be true or false");
+        var keys = new List<TrustedKey>();
+        foreach (IConfigurationSection entry in set.GetSection("TrustedKeys").GetChildren())
+        {
+            string path = entry.Value ?? "";
+            try
+            {
+                TrustedKey key = TrustedKey.Load(path);
+                if (keys.Any(k => k.Id == key.Id))
+                    problems.Add($"{at}:TrustedKeys:{entry.Key}: key {VersionSignature.IdText(key.Id)} ({path}) is listed twice");
+                keys.Add(key);
+            }
+            catch (KeyFileException e)
+            {
+                problems.Add($"{at}:TrustedKeys:{entry.Key}: {e.Message}");
+            }
+        }
+        if (require && keys.Count == 0 && problems.Count == before)
+            problems.Add($"{at}:RequireSignature: true, but no TrustedKeys: no version could ever be activated");
+        var users = ReadIds(set.GetSection("Publishers:Users"), $"{at}:Publishers:Users", "uid", problems);
+        var groups = ReadIds(set.GetSection("Publishers:Groups"), $"{at}:Publishers:Groups", "gid", problems);
+        CanaryPolicy? canary = null;
+        IConfigurationSection c = set.GetSection("Canary");
+        if (c.Exists())
+        {
+            CanaryPolicy d = CanaryPolicy.Default;
+            double Number(string name, double fallback, double min, double max)
+            {
+                if (c[name] is not { } text)
+                    return fallback;
+                if (double.TryParse(text, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double value) && value >= min && value <= max)
+                    return value;
+                problems.Add($"{at}:Canary:{name}: '{text}' must be a number from {min.ToString(System.Globalization.CultureInfo.InvariantCulture)} to {max.ToString(System.Globalization.CultureInfo.InvariantCulture)}");
+                return fallback;
+            }
+            double fraction = Number("Fraction", d.Fraction, 0.001, 0.999);
+            double minSeconds = Number("MinSeconds", d.MinDuration.TotalSeconds, 0, 86400);
+            double minSamples = Number("MinSamples", d.MinSamples, 1, 1e12);
+            double maxErrorRate = Number("MaxErrorRate", d.MaxErrorRate, 0, 1);
+            double maxP99Ratio = Number("MaxP99Ratio", d.MaxP99Ratio, 1, 1000);
+            double? minQuality = c["MinQuality"] is null ? null : Number("MinQuality", 0, double.MinValue, double.MaxValue);
+            double maxSeconds = Number("MaxSeconds", d.MaxDuration.TotalSeconds, 1, 7 * 86400);
+            if (maxSeconds < minSeconds)
+                problems.Add($"{at}:Canary:MaxSeconds: {maxSeconds} is less than MinSeconds {minSeconds}");
+            canary = new CanaryPolicy(fraction, TimeSpan.FromSeconds(minSeconds), (long)minSamples, maxErrorRate, maxP99Ratio, minQuality, TimeSpan.FromSeconds(maxSeconds));
+        }
+        if (problems.Count > before)
+            return null;
+        return new WeightSetPolicy { RequireSignature = require, TrustedKeys = keys, PublisherUsers = users, PublisherGroups = groups, Canary = canary };
+    }
+
+    private static HashSet<uint> ReadIds(IConfigurationSection section, string at, string what, List<string> problems)
+    {
+        var ids = new HashSet<uint>();
+        foreach (IConfigurationSection entry in section.GetChildren())
+            if (uint.TryParse(entry.Value, out uint id))
+                ids.Add(id);
+            else
+                problems.Add($"{at}:{entry.Key}: '{entry.Value}' is not a numeric {what}");
+        return ids;
     }
 
     private static bool TryPolicy(string text, out UpdatePolicy policy)

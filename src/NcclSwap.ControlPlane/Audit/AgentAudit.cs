@@ -15,6 +15,7 @@ internal sealed class AgentAudit
     private readonly ILogger _logger;
     private readonly ConcurrentDictionary<(string Set, ulong Version, bool Rollback), AuditActor> _askedBy = new();
     private readonly AuditActor _agent = AuditActor.Of(PeerIdentity.OfThisProcess());
+    private (string Set, ulong Version, bool Rollback)? _enteredLast; // on the dispatcher's thread only
 
     public AgentAudit(AuditLog log, ILogger logger, FrontDoor door, RequestDispatcher dispatcher, VersionManager versions)
     {
@@ -24,6 +25,13 @@ internal sealed class AgentAudit
         dispatcher.RequestRefused += (session, request, reason) =>
             Enter(AuditActor.Of(session.Peer), new AuditEvent(Name(request), "denied", session.WeightSet, request.Version, Detail: reason));
         dispatcher.RequestAccepted += Accepted;
+        versions.RequestRefused += (session, request, reason) =>
+        {
+            // Raised on the dispatcher's thread right after Accepted of the same request: forget what it entered, if anything.
+            if (_enteredLast == (session.WeightSet, request.Version, false))
+                _askedBy.TryRemove((session.WeightSet, request.Version, false), out _);
+            Enter(AuditActor.Of(session.Peer), new AuditEvent(Name(request), "denied", session.WeightSet, request.Version, Detail: reason));
+        };
         versions.Updated += Ended;
     }
 
@@ -33,7 +41,11 @@ internal sealed class AgentAudit
         if (kind is not (RequestKind.Publish or RequestKind.Rollback))
             return; // pings, status, acknowledgements and copy-ins change nothing an operator must trace
         AuditActor who = AuditActor.Of(session.Peer);
-        _askedBy[(session.WeightSet, kind == RequestKind.Rollback ? 0 : request.Version, kind == RequestKind.Rollback)] = who;
+        var key = (session.WeightSet, kind == RequestKind.Rollback ? 0 : request.Version, kind == RequestKind.Rollback);
+        // A publish repeating a version in flight (a replay, refused next) must not take over the entry of the client that sent it first.
+        if (kind == RequestKind.Rollback)
+            _askedBy[key] = who;
+        _enteredLast = kind == RequestKind.Rollback || _askedBy.TryAdd(key, who) ? key : null;
         Enter(who, new AuditEvent(Name(request), "requested", session.WeightSet, kind == RequestKind.Rollback ? null : request.Version));
     }
 
@@ -43,8 +55,10 @@ internal sealed class AgentAudit
             return;
         var key = (outcome.WeightSet, outcome.IsRollback ? 0 : outcome.Version, outcome.IsRollback);
         AuditActor who = _askedBy.TryRemove(key, out AuditActor asked) ? asked : _agent;
+        string? signed = outcome.Signer is { } signer ? $"signed by key {signer}" : null;
+        string? detail = outcome.Detail.Length > 0 ? signed is null ? outcome.Detail : $"{signed}; {outcome.Detail}" : signed;
         Enter(who, new AuditEvent(outcome.IsRollback ? "rollback" : "publish", outcome.Result.ToString().ToLowerInvariant(), outcome.WeightSet, outcome.Version,
-            Detail: outcome.Detail.Length > 0 ? outcome.Detail : null));
+            Manifest: outcome.ManifestSha256, Detail: detail));
     }
 
     private static string Name(Request request) => ((RequestKind)request.Kind).ToString().ToLowerInvariant();

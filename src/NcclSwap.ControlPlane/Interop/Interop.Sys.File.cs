@@ -16,6 +16,10 @@ internal static partial class Interop
         [LibraryImport(Libc, EntryPoint = "fsync", SetLastError = true)]
         internal static partial int Fsync(int fd);
 
+        /// <summary>chown(2); uint.MaxValue ((uid_t)-1) leaves the owner or the group as it is.</summary>
+        [LibraryImport(Libc, EntryPoint = "chown", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
+        internal static partial int Chown(string path, uint owner, uint group);
+
         [LibraryImport(Libc, EntryPoint = "close", SetLastError = true)]
         internal static partial int Close(int fd);
 

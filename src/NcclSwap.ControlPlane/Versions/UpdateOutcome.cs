@@ -22,6 +22,9 @@ public enum UpdateResult
 
     /// <summary>The agent stopped before it was activated.</summary>
     Abandoned,
+
+    /// <summary>Its signature was missing where one is required, by a key not trusted, or did not match: nothing was staged to consumers.</summary>
+    Refused,
 }
 
 /// <summary>
@@ -78,6 +81,12 @@ public sealed class UpdateOutcome(string weightSet, ulong version, bool rollback
 
     /// <summary>Consumers ended because they did not stop reading the slot in time.</summary>
     public List<string> Evicted { get; } = [];
+
+    /// <summary>The id of the trusted key whose signature was verified (16 hex digits), or null for an unsigned version.</summary>
+    public string? Signer { get; internal set; }
+
+    /// <summary>The SHA-256 of the version's manifest, once taken.</summary>
+    public string? ManifestSha256 { get; internal set; }
 
     /// <summary>The state word activated (0 until then).</summary>
     public ulong State { get; internal set; }

@@ -41,6 +41,11 @@ public sealed record LifecycleOptions(string StagingDirectory, UpdatePolicy Poli
 
     /// <summary>How many times a tensor whose digest does not match is copied again before the update fails.</summary>
     public int Resends { get; init; } = 2;
+
+    /// <summary>Per weight set: signatures, publishers, rollout; a set not named here takes <see cref="WeightSetPolicy.Open"/>.</summary>
+    public IReadOnlyDictionary<string, WeightSetPolicy> WeightSets { get; init; } = new Dictionary<string, WeightSetPolicy>();
+
+    public WeightSetPolicy PolicyFor(string weightSet) => WeightSets.TryGetValue(weightSet, out WeightSetPolicy? policy) ? policy : WeightSetPolicy.Open;
 }
 
 /// <summary>
@@ -112,6 +117,8 @@ public sealed class VersionManager : ISessionHost, IRequestHandler, IDisposable
         try
         {
             parsed = Hello.Parse(hello, session.Role, descriptors.Count);
+            if (session.Role == Role.Publisher && Options.PolicyFor(session.WeightSet).RefusePublisher(session.Peer, session.WeightSet) is { } refusal)
+                throw new SessionRefusedException(refusal);
             set = SetFor(session.WeightSet);
         }
         catch
@@ -198,6 +205,11 @@ public sealed class VersionManager : ISessionHost, IRequestHandler, IDisposable
     }
 
     internal void EndSession(long session, string reason) => _door?.End(session, reason);
+
+    /// <summary>Raised when a request is refused before any update began (a publish not newer than one before: a replay), on the dispatcher's thread.</summary>
+    public event Action<SessionInfo, Request, string>? RequestRefused;
+
+    internal void ReportRefused(SessionInfo session, in Request request, string reason) => RequestRefused?.Invoke(session, request, reason);
 
     /// <summary>Tells every listener, each on its own: one that fails (logged) does not keep the outcome from the others.</summary>
     internal void Report(UpdateOutcome outcome)

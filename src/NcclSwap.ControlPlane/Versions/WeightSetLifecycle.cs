@@ -4,6 +4,7 @@ using System.Text.Json;
 using Microsoft.Extensions.Logging;
 using Microsoft.Win32.SafeHandles;
 using NcclSwap.ControlPlane.Abi;
+using NcclSwap.ControlPlane.Signing;
 using NcclSwap.ControlPlane.State;
 using NcclSwap.DataPlane;
 using NcclSwap.WeightSets;
@@ -290,7 +291,11 @@ internal sealed class WeightSetLifecycle : IDisposable
             if (_stopping)
                 return Messages.NewResponse(request, Abi.Status.Canceled, "the agent is stopping");
             if (version <= _highestPublished)
-                return Messages.NewResponse(request, Abi.Status.Stale, $"version {version} is not newer than {_highestPublished}, already published");
+            {
+                string stale = $"version {version} is not newer than {_highestPublished}, already published (a replay, or a publisher out of step)";
+                _manager.ReportRefused(publisher.Session, request, stale);
+                return Messages.NewResponse(request, Abi.Status.Stale, stale);
+            }
             _highestPublished = version;
         }
         var outcome = new UpdateOutcome(Name, version, rollback: false, publisher.Layout.TotalBytes);
@@ -344,7 +349,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                 lock (_queue)
                     direct &= !_busy && _pending is null;
                 if (!direct)
-                    job = job with { Source = TakeSnapshot(publisher, outcome) };
+                    job = job with { Source = TakeSnapshot(publisher, job) };
                 Job? superseded;
                 lock (_queue)
                 {
@@ -377,8 +382,9 @@ internal sealed class WeightSetLifecycle : IDisposable
     }
 
     /// <summary>Copies the publisher's tensors into a new staging buffer, digesting them as they are read (the manifest).</summary>
-    private StagedVersion TakeSnapshot(PublisherRegistration publisher, UpdateOutcome outcome)
+    private StagedVersion TakeSnapshot(PublisherRegistration publisher, Job job)
     {
+        UpdateOutcome outcome = job.Outcome;
         if (!publisher.TryEnter())
             throw new UpdateException(Abi.Status.Canceled, "the publisher left before its snapshot was taken", UpdateResult.Abandoned);
         StagingBuffer? buffer = null;
@@ -392,6 +398,7 @@ internal sealed class WeightSetLifecycle : IDisposable
             // The manifest: the digests of the publisher's bytes, taken as they are copied.
             Manifest manifest = publisher.Layout.ToManifest(Backend.CopyAndDigest(buffer.Buffer, publisher.Region.Buffer, RegionLayout.TensorRuns(publisher.Layout, packed)));
             outcome.Snapshot = clock.Elapsed;
+            Authenticate(job, manifest);
             _copyRate = outcome.Bytes / Math.Max(clock.Elapsed.TotalSeconds, 1e-9);
             var staged = new StagedVersion(outcome.Version, manifest, buffer, _pool);
             buffer = null;
@@ -404,6 +411,47 @@ internal sealed class WeightSetLifecycle : IDisposable
                 _pool.Return(buffer);
         }
     }
+
+    /// <summary>
+    /// Checks a published version's signature against the weight set's trusted keys, once its manifest (the digests
+    /// of the bytes the agent took) is known and before anything is staged to consumers: a version that is unsigned
+    /// where a signature is required, signed by a key not trusted for the set, or whose signature does not match its
+    /// weight set, version and manifest, is refused. Every publish passes here, whoever sends it.
+    /// </summary>
+    private void Authenticate(Job job, Manifest manifest)
+    {
+        UpdateOutcome outcome = job.Outcome;
+        outcome.ManifestSha256 = manifest.Sha256;
+        WeightSetPolicy policy = _manager.Options.PolicyFor(Name);
+        (ulong KeyId, byte[] Signature)? signature;
+        try
+        {
+            signature = VersionSignature.Read(job.Request);
+        }
+        catch (FormatException e)
+        {
+            throw Refused(e.Message);
+        }
+        if (signature is not { } signed)
+        {
+            if (policy.RequireSignature)
+                throw Refused($"version {outcome.Version} is unsigned, and '{Name}' takes only versions signed by a trusted key");
+            return;
+        }
+        string id = VersionSignature.IdText(signed.KeyId);
+        if (policy.TrustedKeys.Count == 0)
+        {
+            Log.LogWarning("{Set}: version {Version} is signed by key {Key}, but no key is trusted for '{Set}': the signature is not checked", Name, outcome.Version, id, Name);
+            return;
+        }
+        TrustedKey key = policy.TrustedKeys.FirstOrDefault(k => k.Id == signed.KeyId)
+            ?? throw Refused($"version {outcome.Version} is signed by key {id}, which is not trusted for '{Name}' (trusted: {string.Join(", ", policy.TrustedKeys.Select(k => VersionSignature.IdText(k.Id)))})");
+        if (!key.Verify(Name, outcome.Version, manifest.Sha256, signed.Signature))
+            throw Refused($"the signature by key {id} does not match '{Name}' version {outcome.Version} with manifest sha256 {manifest.Sha256} (forged, or made for other bytes, another version or another weight set)");
+        outcome.Signer = id;
+    }
+
+    private static UpdateException Refused(string why) => new(Abi.Status.NotPermitted, why, UpdateResult.Refused);
 
     /// <summary>Answers a publisher that waits for its snapshot only (once; later answers are dropped).</summary>
     private static void Answer(Job job, int status, string detail) =>
@@ -950,6 +998,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                     var clock = Stopwatch.StartNew();
                     Manifest manifest = publisher.Layout.ToManifest(
                         Backend.CopyAndDigest(entered[0].Slot(slot).Buffer, publisher.Region.Buffer, RegionLayout.TensorRuns(publisher.Layout, entered[0].Layout)));
+                    Authenticate(job, manifest); // before any other copy: an unsigned or forged version goes no further
                     if (entered.Count > 1)
                         using (ICopyStream stream = Backend.CreateStream())
                         {
@@ -987,7 +1036,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                 holdsPublisher = false;
                 _pool.Return(buffer!);
                 buffer = null;
-                StagedVersion snapshot = TakeSnapshot(publisher, outcome);
+                StagedVersion snapshot = TakeSnapshot(publisher, job);
                 Answer(job, Abi.Status.Ok, $"snapshot taken in {outcome.Snapshot.TotalMilliseconds:0.00} ms");
                 Update(job with { Source = snapshot });
                 return;
