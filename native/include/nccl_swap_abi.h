@@ -44,8 +44,14 @@
  *
  * `state` is the one word a consumer loads each step: (version << 8) | (slot << 1) | 1, stored by the agent
  * with a single release store after the version's bytes are staged, verified and (for flip) written to that
- * slot. 0 means "no version yet". A consumer that sees a state different from the one it serves switches;
- * nothing else in the row needs to be read on the fast path.
+ * slot. 0 means "no version yet". A consumer that sees a state different from the one it serves switches.
+ *
+ * Canaries: while a new version proves itself on some consumers first, the agent stores its state word in
+ * `canary_state`, then sets those consumers' lanes in `canary_lanes` (each consumer learns its lane, 0..63, in the
+ * hello's reply; -1: never a canary). A consumer's target each step is therefore: load `canary_lanes`; if its bit is
+ * set and `canary_state` is not 0, `canary_state`; else `state`. Promotion stores the version in `state`, then
+ * clears the lanes and `canary_state`; a rollback clears the lanes, then `canary_state`: every interleaving of a
+ * consumer's loads gives it a version that it may serve.
  */
 typedef struct nccl_swap_version_entry {
     uint64_t state;            /*   0: (version << 8) | (slot << 1) | 1, or 0 */
@@ -55,11 +61,13 @@ typedef struct nccl_swap_version_entry {
     uint32_t flags;            /*  32: NCCL_SWAP_ENTRY_* */
     uint32_t reserved0;        /*  36 */
     char name[NCCL_SWAP_NAME_BYTES]; /* 40: weight-set name, UTF-8, NUL-padded */
-    uint8_t reserved1[24];     /* 104 */
+    uint64_t canary_lanes;     /* 104: bit L set: the consumer given lane L (its hello's reply) serves canary_state */
+    uint64_t canary_state;     /* 112: the state word of a version on canaries only, or 0 */
+    uint8_t reserved1[8];      /* 120 */
 } nccl_swap_version_entry;     /* 128 bytes */
 
 #define NCCL_SWAP_ENTRY_IN_USE 0x1u
-#define NCCL_SWAP_ENTRY_PAUSED 0x2u
+#define NCCL_SWAP_ENTRY_PAUSED 0x2u    /* an operator paused the weight set's rollout: nothing new is activated */
 
 typedef struct nccl_swap_version_table {
     uint64_t magic;            /*  0: NCCL_SWAP_TABLE_MAGIC */
@@ -101,7 +109,21 @@ enum nccl_swap_request_kind {
     NCCL_SWAP_REQ_ROLLBACK = 4,
     NCCL_SWAP_REQ_STATUS = 5,
     NCCL_SWAP_REQ_COPY_IN = 6,
+    NCCL_SWAP_REQ_REPORT = 7,
 };
+
+/*
+ * REPORT's payload: what a consumer served since its last report, on the state word in `version`. Latencies are
+ * counted in buckets: bucket i (0..38) holds those at most 2^(i/2) ms, bucket 39 the longer ones.
+ */
+#define NCCL_SWAP_REPORT_BUCKETS 40
+typedef struct nccl_swap_report {
+    uint32_t requests;         /*  0 */
+    uint32_t errors;           /*  4 */
+    uint32_t quality_count;    /*  8: requests that carry a quality score */
+    float quality_sum;         /* 12: the sum of their scores */
+    uint16_t latency[NCCL_SWAP_REPORT_BUCKETS]; /* 16 */
+} nccl_swap_report;            /* 96 bytes: a request's payload */
 
 /*
  * What each request means (the session's role and weight set come from the front door, never from the entry):
@@ -113,9 +135,15 @@ enum nccl_swap_request_kind {
  *   ROLLBACK  operator: re-activates the last good version; answered once it is active (or it failed).
  *   STATUS    any role: `version` 0 asks for the weight set's state; otherwise for that version's outcome.
  *   COPY_IN   consumer (copy-in), at a step boundary while it does not read its weights: the agent copies
- *             the active version into the consumer's buffers, verifies them and answers with the state word
+ *             the version the consumer's target names (the active one, or the canary version for a canary's
+ *             lane) into the consumer's buffers, verifies them and answers with the state word
  *             of what the buffers now hold in `version`. A consumer with a gate puts the copy-in's sequence
  *             number in `version` and does not wait: see nccl_swap_gate.
+ *   REPORT    consumer: its counters since the last report (nccl_swap_report in the payload) on the state word in
+ *             `version`; the agent's rollout policy compares canaries with the consumers on the previous version.
+ *   PUBLISH's payload, when the version is signed: the key's id (8 bytes, little-endian: the first 8 bytes of the
+ *             SHA-256 of its SubjectPublicKeyInfo) and the ECDSA P-256 signature r || s (64 bytes) over SHA-256 of
+ *             "nccl-swap-version/1\n" NAME "\n" VERSION "\n" MANIFEST_SHA256_HEX; payload_bytes 72.
  * `weight_set` must be the session's row in the version table.
  */
 #define NCCL_SWAP_PUBLISH_WAIT 0x1u

@@ -3,6 +3,8 @@ using NcclSwap.Agent.Audit;
 using NcclSwap.Agent.Demo;
 using NcclSwap.Agent.Doctor;
 using NcclSwap.Agent.Inspect;
+using NcclSwap.Agent.Keys;
+using NcclSwap.Agent.Operator;
 using NcclSwap.Agent.Plan;
 using NcclSwap.Agent.Transfer;
 using NcclSwap.Agent.Serve;
@@ -24,6 +26,9 @@ public static class Program
         root.Subcommands.Add(PlanCommand.Create(output, error));
         root.Subcommands.Add(TransferCommand.Create(output, error));
         root.Subcommands.Add(AuditCommand.Create(output, error));
+        root.Subcommands.Add(KeysCommand.Create(output, error));
+        foreach (Command verb in OperatorCommand.Create(output, error))
+            root.Subcommands.Add(verb);
         root.Subcommands.Add(DemoPeers.Create(output));
         return root;
     }

@@ -53,6 +53,9 @@ public sealed class ChannelClient : IDisposable
     /// <summary>The weight set's row in the version table (-1 when the front door has no agent behind it).</summary>
     public int Row { get; }
 
+    /// <summary>A consumer's lane: while its bit is set in the row's canary lanes, it serves the canary version (-1: never).</summary>
+    public int Lane { get; private init; } = -1;
+
     /// <summary>The active state when the agent accepted this client.</summary>
     public ulong WelcomeState { get; }
 
@@ -202,13 +205,14 @@ public sealed class ChannelClient : IDisposable
             long session = reply.RootElement.GetProperty("session").GetInt64();
             int row = reply.RootElement.TryGetProperty("row", out JsonElement r) ? r.GetInt32() : -1;
             ulong state = reply.RootElement.TryGetProperty("state", out JsonElement st) ? st.GetUInt64() : 0;
+            int lane = reply.RootElement.TryGetProperty("lane", out JsonElement l) ? l.GetInt32() : -1;
             VersionTable table = VersionTable.FromDescriptor(descriptors[0]);
             SharedRing requests = SharedRing.FromDescriptor(descriptors[1], $"session {session} requests");
             SharedRing responses = SharedRing.FromDescriptor(descriptors[2], $"session {session} responses");
             Bell bell = Bell.FromDescriptor(descriptors[3]);
             descriptors = [];
             socket.ReceiveTimeout = 0; // from now on the socket only tells when the session ends (WaitUntilClosed)
-            return new ChannelClient(socket, session, role, table, requests, responses, bell, row, state);
+            return new ChannelClient(socket, session, role, table, requests, responses, bell, row, state) { Lane = lane };
         }
         catch
         {

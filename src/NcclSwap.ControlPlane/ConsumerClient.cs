@@ -98,7 +98,7 @@ public sealed class ConsumerClient : IDisposable
     public bool Step()
     {
         ChannelClient channel = _channel;
-        ulong state = channel.Table.ReadState(channel.Row);
+        ulong state = channel.Table.ReadTarget(channel.Row, channel.Lane);
         if (state == Volatile.Read(ref _serving) || state == 0)
             return false;
         return Switch(channel, state);
@@ -149,6 +149,21 @@ public sealed class ConsumerClient : IDisposable
         }
     }
 
+    /// <summary>
+    /// Tells the agent what this consumer served since its last report (<paramref name="counters"/>, emptied), on the
+    /// version it serves now: the rollout policy compares canaries with the others by these. Report at least every
+    /// 65535 requests (a latency bucket holds no more).
+    /// </summary>
+    public Response Report(ServingCounters counters)
+    {
+        ChannelClient channel = _channel;
+        Request request = channel.NewRequest(RequestKind.Report, Serving);
+        ReportPayload payload = counters.Take();
+        System.Runtime.InteropServices.MemoryMarshal.Write(request.Payload, in payload);
+        request.PayloadBytes = (uint)System.Runtime.InteropServices.Marshal.SizeOf<ReportPayload>();
+        return channel.Call(request, _timeout);
+    }
+
     /// <summary>Waits for the session to end, then reconnects (every 100 ms until it works), telling the agent what it serves.</summary>
     private void Watch()
     {
@@ -191,5 +206,37 @@ public sealed class ConsumerClient : IDisposable
             retired.Dispose();
         foreach (WeightRegion region in _regions)
             region.Dispose();
+    }
+}
+
+/// <summary>An engine's counters between two reports (<see cref="ConsumerClient.Report"/>): requests, errors, latencies, quality scores.</summary>
+public sealed class ServingCounters
+{
+    private ReportPayload _payload;
+
+    /// <summary>One request served in <paramref name="milliseconds"/>; <paramref name="error"/> if it failed; its quality score if the engine has one.</summary>
+    public void Served(double milliseconds, bool error = false, double? quality = null)
+    {
+        int bucket = ReportPayload.BucketOf(milliseconds);
+        if (_payload.Latency[bucket] == ushort.MaxValue)
+            throw new InvalidOperationException($"a latency bucket is full ({ushort.MaxValue} requests): report before counting more");
+        _payload.Latency[bucket]++;
+        _payload.Requests++;
+        if (error)
+            _payload.Errors++;
+        if (quality is { } score)
+        {
+            _payload.QualityCount++;
+            _payload.QualitySum += (float)score;
+        }
+    }
+
+    public uint Requests => _payload.Requests;
+
+    internal ReportPayload Take()
+    {
+        ReportPayload taken = _payload;
+        _payload = default;
+        return taken;
     }
 }

@@ -50,7 +50,7 @@ public readonly record struct Refusal(PeerIdentity Peer, string Request, string 
 public sealed class SessionRefusedException(string message) : Exception(message);
 
 /// <summary>What the agent tells a client it accepted, beyond the descriptors: its weight set's row and the state to start from.</summary>
-public readonly record struct SessionWelcome(int Row, ulong State);
+public readonly record struct SessionWelcome(int Row, ulong State, int Lane = -1);
 
 /// <summary>
 /// What the agent does with a client the front door let in, before the client is answered: reads the rest of
@@ -133,6 +133,9 @@ public sealed class FrontDoor : IAsyncDisposable
 
     /// <summary>Raised for every refused client, on a background thread.</summary>
     public event Action<Refusal>? Refused;
+
+    /// <summary>Raised for every operator verb run (<see cref="ICommandHost"/>), once it ended, on a background thread.</summary>
+    public event Action<CommandRecord>? CommandRun;
 
     /// <summary>Raised when a session starts and when it ends, on a background thread.</summary>
     public event Action<SessionInfo, bool>? SessionChanged;
@@ -240,6 +243,11 @@ public sealed class FrontDoor : IAsyncDisposable
                     Role granted = _policy.For(peer);
                     if ((granted & role) == 0)
                         throw new SessionRefusedException($"{peer} may not act as {role.ToString().ToLowerInvariant()} (granted: {granted})");
+                    if (document.RootElement.TryGetProperty("command", out JsonElement command))
+                    {
+                        await RunCommand(client, peer, role, weightSet, document.RootElement, command);
+                        return;
+                    }
                     session = Open(peer, role, weightSet, client);
                     if (_host is not null)
                     {
@@ -287,6 +295,19 @@ public sealed class FrontDoor : IAsyncDisposable
                     Close(session, welcomed);
             }
         }
+    }
+
+    /// <summary>An operator's verb: one JSON line in, one out, then the connection closes.</summary>
+    private async Task RunCommand(Socket client, PeerIdentity peer, Role role, string weightSet, JsonElement hello, JsonElement command)
+    {
+        if (role != Role.Operator)
+            throw new SessionRefusedException($"commands are for operators; {peer} asked as {role.ToString().ToLowerInvariant()}");
+        if (_host is not ICommandHost commands || command.ValueKind != JsonValueKind.String)
+            throw new SessionRefusedException(_host is ICommandHost ? "command must be a string" : "this front door runs no commands");
+        CommandReply reply = await Task.Run(() => commands.Run(peer, weightSet, hello));
+        ulong? version = hello.TryGetProperty("version", out JsonElement v) && v.TryGetUInt64(out ulong number) && number != 0 ? number : null;
+        CommandRun?.Invoke(new CommandRecord(peer, command.GetString()!, weightSet, version, reply.Ok, reply.Ok ? reply.Message ?? "" : $"{reply.Code}: {reply.Message}"));
+        await Send(client, Encoding.UTF8.GetBytes(reply.ToJsonLine()), _stop.Token);
     }
 
     private static string Shorten(string hello) => hello.Length <= 512 ? hello : hello[..512] + $"… ({hello.Length} characters)";
@@ -339,6 +360,7 @@ public sealed class FrontDoor : IAsyncDisposable
             {
                 writer.WriteNumber("row", welcome.Row);
                 writer.WriteNumber("state", welcome.State);
+                writer.WriteNumber("lane", welcome.Lane);
             }
             writer.WriteEndObject();
         }

@@ -30,6 +30,7 @@ public sealed class RequestDispatcher : IDisposable
         [RequestKind.Ack] = Role.Consumer,
         [RequestKind.Rollback] = Role.Operator,
         [RequestKind.CopyIn] = Role.Consumer,
+        [RequestKind.Report] = Role.Consumer,
     };
 
     private readonly FrontDoor _door;

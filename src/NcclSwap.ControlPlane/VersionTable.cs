@@ -160,6 +160,7 @@ public sealed unsafe class VersionTable : IDisposable
         entry->ManifestDigest = manifestDigest;
         entry->ActivatedNs = (ulong)Stopwatch.GetTimestamp();
         Volatile.Write(ref entry->State, state); // the release store consumers synchronise with
+        ClearCanary(row); // after the store: a canary that still sees its lane sees this version there too
     }
 
     /// <summary>The agent's side, at start: puts back a row's active and last good versions from persisted state.</summary>
@@ -172,6 +173,7 @@ public sealed unsafe class VersionTable : IDisposable
         entry->ManifestDigest = manifestDigest;
         entry->ActivatedNs = (ulong)Stopwatch.GetTimestamp();
         Volatile.Write(ref entry->State, state);
+        ClearCanary(row); // canaries of a previous life go back to the active version
     }
 
     /// <summary>The agent's side, at start: a row with no active version (state 0).</summary>
@@ -182,6 +184,50 @@ public sealed unsafe class VersionTable : IDisposable
         Volatile.Write(ref entry->State, 0UL);
         entry->LastGood = 0;
         entry->ManifestDigest = 0;
+        ClearCanary(row);
+    }
+
+    /// <summary>
+    /// The agent's side: puts <paramref name="state"/> on the consumers of <paramref name="lanes"/> only (canaries):
+    /// the state first, then the lanes, so that a consumer that sees its lane sees the state.
+    /// </summary>
+    public void SetCanary(int row, ulong state, ulong lanes)
+    {
+        RequireWritable();
+        VersionEntry* entry = Entry(row);
+        Volatile.Write(ref entry->CanaryState, state);
+        Volatile.Write(ref entry->CanaryLanes, lanes);
+    }
+
+    /// <summary>The agent's side: no consumer serves a canary version any more (after a promotion's store, or to roll the canaries back).</summary>
+    public void ClearCanary(int row)
+    {
+        RequireWritable();
+        VersionEntry* entry = Entry(row);
+        Volatile.Write(ref entry->CanaryLanes, 0UL);
+        Volatile.Write(ref entry->CanaryState, 0UL);
+    }
+
+    /// <summary>The agent's side: the row's <see cref="AbiConstants.EntryPaused"/> flag.</summary>
+    public void SetPaused(int row, bool paused)
+    {
+        RequireWritable();
+        VersionEntry* entry = Entry(row);
+        uint flags = Volatile.Read(ref entry->Flags);
+        Volatile.Write(ref entry->Flags, paused ? flags | AbiConstants.EntryPaused : flags & ~AbiConstants.EntryPaused);
+    }
+
+    /// <summary>
+    /// A consumer's per-step check: the state word it must serve. One load when no canary runs (the lanes are 0),
+    /// then the state; a consumer whose <paramref name="lane"/> is set serves the canary state.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public ulong ReadTarget(int row, int lane)
+    {
+        VersionEntry* entry = Entry(row);
+        if (lane >= 0 && ((Volatile.Read(ref entry->CanaryLanes) >> lane) & 1) != 0 && Volatile.Read(ref entry->CanaryState) is ulong canary and not 0)
+            return canary;
+        return Volatile.Read(ref entry->State);
     }
 
     /// <summary>The consumer's per-step check: one atomic load of the packed (version, slot) word.</summary>

@@ -97,6 +97,6 @@ internal static partial class NativeLayout
     [GeneratedRegex(@"typedef struct (\w+) \{(.*?)\} \1;", RegexOptions.Singleline)]
     private static partial Regex StructPattern();
 
-    [GeneratedRegex(@"^\s*(?:u?int\d+_t|char)\s+(\w+)(?:\[[^\]]+\])?;", RegexOptions.Multiline)]
+    [GeneratedRegex(@"^\s*(?:u?int\d+_t|char|float|double)\s+(\w+)(?:\[[^\]]+\])?;", RegexOptions.Multiline)]
     private static partial Regex FieldPattern();
 }

@@ -48,6 +48,8 @@ public struct VersionEntry
     [FieldOffset(24)] public ulong ActivatedNs;
     [FieldOffset(32)] public uint Flags;
     [FieldOffset(40)] public NameBytes Name;
+    [FieldOffset(104)] public ulong CanaryLanes;
+    [FieldOffset(112)] public ulong CanaryState;
 
     public static ulong PackState(ulong version, int slot) =>
         version >= 1UL << 56 ? throw new ArgumentOutOfRangeException(nameof(version), $"version {version} does not fit in 56 bits")
@@ -92,6 +94,7 @@ public enum RequestKind : ushort
     Rollback = 4,
     Status = 5,
     CopyIn = 6,
+    Report = 7,
 }
 
 /// <summary><c>nccl_swap_status</c>: 0 or a negative errno.</summary>
@@ -151,6 +154,33 @@ public struct Response
     [FieldOffset(16)] public ulong Version;
     [FieldOffset(24)] public uint DetailBytes;
     [FieldOffset(32)] public PayloadBytes Detail;
+}
+
+[InlineArray(ReportPayload.Buckets)]
+public struct LatencyBuckets
+{
+    private ushort _element0;
+}
+
+/// <summary><c>nccl_swap_report</c>: a consumer's counters since its last report, a REPORT request's payload.</summary>
+[NativeStruct("nccl_swap_report")]
+[StructLayout(LayoutKind.Explicit, Size = 96)]
+public struct ReportPayload
+{
+    public const int Buckets = 40;
+
+    [FieldOffset(0)] public uint Requests;
+    [FieldOffset(4)] public uint Errors;
+    [FieldOffset(8)] public uint QualityCount;
+    [FieldOffset(12)] public float QualitySum;
+    [FieldOffset(16)] public LatencyBuckets Latency;
+
+    /// <summary>The upper bound of bucket <paramref name="bucket"/> in milliseconds: 2^(i/2); the last bucket has none.</summary>
+    public static double UpperMilliseconds(int bucket) => bucket >= Buckets - 1 ? double.PositiveInfinity : Math.Pow(2, bucket / 2.0);
+
+    /// <summary>The bucket a latency of <paramref name="milliseconds"/> falls in.</summary>
+    public static int BucketOf(double milliseconds) =>
+        milliseconds <= 1 ? 0 : Math.Min(Buckets - 1, (int)Math.Ceiling(2 * Math.Log2(milliseconds) - 1e-9));
 }
 
 /// <summary><c>nccl_swap_gate</c>: the words a GPU consumer's stream and the agent's stream order copy-ins and switches with.</summary>

@@ -33,6 +33,13 @@ internal sealed class AgentAudit
             Enter(AuditActor.Of(session.Peer), new AuditEvent(Name(request), "denied", session.WeightSet, request.Version, Detail: reason));
         };
         versions.Updated += Ended;
+        door.CommandRun += c =>
+        {
+            if (c.Command != "status") // reads change nothing an operator must trace
+                Enter(AuditActor.Of(c.Peer), new AuditEvent(c.Command, c.Ok ? "done" : "failed", c.WeightSet, c.Version, Detail: c.Detail.Length > 0 ? c.Detail : null));
+        };
+        versions.Rollout += d => Enter(d.By is { } by ? AuditActor.Of(by) : _agent,
+            new AuditEvent("canary", d.Decision, d.WeightSet, d.Version == 0 ? null : d.Version, Detail: d.Figures.Length > 0 ? d.Figures : null));
     }
 
     private void Accepted(SessionInfo session, Request request)

@@ -257,6 +257,12 @@ internal sealed class ConsumerRegistration(SessionInfo session, RegionLayout lay
 
     public long Acknowledgements => Interlocked.Read(ref _acknowledgements);
 
+    /// <summary>Its bit in the row's canary lanes (0..63), or -1: never a canary. Given under the weight set's membership lock.</summary>
+    public int Lane { get; set; } = -1;
+
+    /// <summary>What it reported serving, over its whole session (requests, errors, latencies, quality).</summary>
+    public ServingFigures Reported { get; } = new();
+
     /// <summary>A new state was activated (recorded before the table shows it): the consumer may switch to it at any step from now.</summary>
     public void Activated(ulong state)
     {

@@ -23,6 +23,12 @@ public enum UpdateResult
     /// <summary>The agent stopped before it was activated.</summary>
     Abandoned,
 
+    /// <summary>On canary consumers only, while the rollout policy (or an operator) decides.</summary>
+    Canary,
+
+    /// <summary>Taken back from its canaries (their figures, or an operator): the other consumers never had it.</summary>
+    RolledBack,
+
     /// <summary>Its signature was missing where one is required, by a key not trusted, or did not match: nothing was staged to consumers.</summary>
     Refused,
 }
@@ -91,7 +97,13 @@ public sealed class UpdateOutcome(string weightSet, ulong version, bool rollback
     /// <summary>The state word activated (0 until then).</summary>
     public ulong State { get; internal set; }
 
-    public bool IsFinal => Result is not (UpdateResult.Pending or UpdateResult.Staging);
+    public bool IsFinal => Result is not (UpdateResult.Pending or UpdateResult.Staging or UpdateResult.Canary);
+
+    /// <summary>What the update is doing now, for status: queued, verifying, staging, canary, activating, or its result.</summary>
+    public string Phase { get; internal set; } = "queued";
+
+    /// <summary>How far it is, from 0 to 1, for a progress bar.</summary>
+    public double Progress { get; internal set; }
 
     public override string ToString()
     {

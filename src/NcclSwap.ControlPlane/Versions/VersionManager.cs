@@ -53,7 +53,7 @@ public sealed record LifecycleOptions(string StagingDirectory, UpdatePolicy Poli
 /// dispatcher's request handler (publish, acknowledge, copy-in, rollback, status). It restores each weight set
 /// from the persisted state at start and saves the state, atomically, before every activation.
 /// </summary>
-public sealed class VersionManager : ISessionHost, IRequestHandler, IDisposable
+public sealed partial class VersionManager : ISessionHost, IRequestHandler, IDisposable
 {
     private readonly ConcurrentDictionary<string, WeightSetLifecycle> _sets = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<long, (WeightSetLifecycle Set, Registration? Registration)> _sessions = new();
@@ -70,6 +70,9 @@ public sealed class VersionManager : ISessionHost, IRequestHandler, IDisposable
         Backend = backend;
         Options = options;
         Log = log;
+        Metrics = new AgentMetrics(() => _sets.Values.OrderBy(s => s.Row).Select(s => s.Status()).ToList());
+        Updated += Metrics.Updated;
+        Rollout += Metrics.Decided;
         Directory.CreateDirectory(options.StagingDirectory);
         // Versions staged in GPU memory need no file; those staged in host memory (shared-memory publishers, or GPU
         // memory too short) fail naming the directory. Said at start rather than first at a publish.
@@ -93,6 +96,35 @@ public sealed class VersionManager : ISessionHost, IRequestHandler, IDisposable
     public LifecycleOptions Options { get; }
 
     internal ILogger Log { get; }
+
+    /// <summary>The agent's instruments (meter <see cref="AgentMetrics.MeterName"/>).</summary>
+    public AgentMetrics Metrics { get; }
+
+    /// <summary>Raised at every rollout step (a canary began, was promoted or rolled back; a pause), on the thread that took it.</summary>
+    public event Action<RolloutDecision>? Rollout;
+
+    internal void ReportRollout(RolloutDecision decision)
+    {
+        if (Rollout is not { } listeners)
+            return;
+        foreach (Action<RolloutDecision> listener in listeners.GetInvocationList().Cast<Action<RolloutDecision>>())
+        {
+            try
+            {
+                listener(decision);
+            }
+            catch (Exception e)
+            {
+                Log.LogError(e, "a listener of rollout decisions failed on {Set} version {Version}", decision.WeightSet, decision.Version);
+            }
+        }
+    }
+
+    /// <summary>Every weight set as an operator's status shows it, in table order.</summary>
+    public IReadOnlyList<WeightSetStatus> Statuses() => _sets.Values.OrderBy(s => s.Row).Select(s => s.Status()).ToList();
+
+    /// <summary>The weight set an operator's verb names, or null.</summary>
+    internal WeightSetLifecycle? Find(string weightSet) => _sets.TryGetValue(weightSet, out WeightSetLifecycle? set) ? set : null;
 
     /// <summary>Raised when an update ends (activated, superseded, failed, abandoned), on the thread that ended it.</summary>
     public event Action<UpdateOutcome>? Updated;
@@ -255,5 +287,6 @@ public sealed class VersionManager : ISessionHost, IRequestHandler, IDisposable
         Stop();
         foreach (WeightSetLifecycle set in _sets.Values)
             set.Dispose();
+        Metrics.Dispose();
     }
 }

@@ -22,7 +22,7 @@ namespace NcclSwap.ControlPlane.Versions;
 /// and the table's word). <c>_queue</c> guards the pending publish and rollbacks. One worker thread runs updates one
 /// at a time, so versions never interleave.
 /// </remarks>
-internal sealed class WeightSetLifecycle : IDisposable
+internal sealed partial class WeightSetLifecycle : IDisposable
 {
     private const int HistoryLimit = 4096;
 
@@ -147,12 +147,13 @@ internal sealed class WeightSetLifecycle : IDisposable
                 {
                     var consumer = (ConsumerRegistration)registration;
                     state = Join(consumer);
+                    AssignLane(consumer);
                     _consumers = [.. _consumers, consumer];
                 }
                 _layout ??= layout.Pack();
                 Log.LogInformation("{Set}: {Who} registered {Tensors} tensors ({Bytes} bytes){Mode}", Name, registration, layout.Tensors.Count, layout.TotalBytes,
                     registration is ConsumerRegistration c ? $", {(c.Mode == ConsumerMode.Flip ? "flip" : "copy-in")}, serving {Describe(c.Serving)}" : "");
-                return (new SessionWelcome(Row, state), registration);
+                return (new SessionWelcome(Row, state, registration is ConsumerRegistration { Lane: int lane } ? lane : -1), registration);
             }
         }
         catch
@@ -274,6 +275,8 @@ internal sealed class WeightSetLifecycle : IDisposable
                 return Rollback(session, request, dispatcher);
             case RequestKind.Status:
                 return StatusOf(request);
+            case RequestKind.Report:
+                return Report(registration as ConsumerRegistration, request);
             default:
                 return Messages.NewResponse(request, Abi.Status.Ok);
         }
@@ -345,7 +348,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                     throw new UpdateException(Abi.Status.Canceled, "the agent is stopping", UpdateResult.Abandoned);
                 // Straight into the slots only when the worker would start at once and no flip consumer reads the
                 // slot: the publisher then waits for one copy and its check, never for another update or a consumer.
-                bool direct = SlotsFree();
+                bool direct = SlotsFree() && (_manager.Options.PolicyFor(Name).Canary is null || ActiveState == 0);
                 lock (_queue)
                     direct &= !_busy && _pending is null;
                 if (!direct)
@@ -614,7 +617,7 @@ internal sealed class WeightSetLifecycle : IDisposable
         // it may, since it writes only the slot nobody reads); it is recorded all the same, being true when sent.
         ulong state = request.Version;
         ulong active = ActiveState;
-        if (state != active && !WasActivated(state))
+        if (state != active && !WasActivated(state) && !IsCanaryState(state))
             return Messages.NewResponse(request, Abi.Status.Invalid, $"acknowledged {Describe(state)}, which was never active; the active one is {Describe(active)}");
         consumer.Acknowledge(state);
         _acknowledged.Set();
@@ -632,13 +635,7 @@ internal sealed class WeightSetLifecycle : IDisposable
 
     private void CopyIn(ConsumerRegistration consumer, Request request, RequestDispatcher dispatcher)
     {
-        StagedVersion? source;
-        ulong state;
-        lock (_refs)
-        {
-            state = _activeState;
-            source = _active?.AddReference();
-        }
+        (ulong state, StagedVersion? source) = TargetOf(consumer);
         Response response;
         try
         {
@@ -663,6 +660,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                 if (failure is null)
                 {
                     consumer.Acknowledge(state);
+                    _manager.Metrics.CopiedIn(Name, clock.Elapsed);
                     response = Messages.NewResponse(request with { Version = state }, Abi.Status.Ok, $"copied in {clock.Elapsed.TotalMilliseconds:0.00} ms");
                 }
                 else
@@ -694,13 +692,7 @@ internal sealed class WeightSetLifecycle : IDisposable
     private void CopyInGated(ConsumerRegistration consumer, ConsumerGate gate, Request request, RequestDispatcher dispatcher)
     {
         uint sequence = (uint)request.Version;
-        StagedVersion? source;
-        ulong state;
-        lock (_refs)
-        {
-            state = _activeState;
-            source = _active?.AddReference();
-        }
+        (ulong state, StagedVersion? source) = TargetOf(consumer);
         bool released = false; // "done" written (or queued on a stream that completed)
         Response? response = null;
         try
@@ -732,6 +724,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                     if (bad.Count == 0)
                     {
                         consumer.Acknowledge(state);
+                        _manager.Metrics.CopiedIn(Name, copy);
                         response = Messages.NewResponse(request with { Version = state }, Abi.Status.Ok, $"copied in {copy.TotalMilliseconds:0.00} ms, checked");
                     }
                     else
@@ -784,6 +777,16 @@ internal sealed class WeightSetLifecycle : IDisposable
     /// <summary>Queues a return to the version that is last good now (its bytes held from this moment), ahead of any pending publish.</summary>
     private Response? Rollback(SessionInfo session, in Request request, RequestDispatcher dispatcher)
     {
+        (UpdateOutcome? queued, int status, string error) = QueueRollback(session.Id, request, dispatcher);
+        return queued is null ? Messages.NewResponse(request, status, error) : null;
+    }
+
+    /// <summary>
+    /// Queues a return to the last good version (ahead of any pending publish); its outcome, or why not. With
+    /// <paramref name="dispatcher"/>, the requester is answered there once it ends.
+    /// </summary>
+    internal (UpdateOutcome? Outcome, int Status, string Error) QueueRollback(long session, in Request request, RequestDispatcher? dispatcher)
+    {
         StagedVersion? target;
         ulong lastGoodVersion;
         lock (_refs)
@@ -792,7 +795,7 @@ internal sealed class WeightSetLifecycle : IDisposable
             lastGoodVersion = _lastGoodVersion;
         }
         if (target is null)
-            return Messages.NewResponse(request, Abi.Status.NotFound, lastGoodVersion != 0
+            return (null, Abi.Status.NotFound, lastGoodVersion != 0
                 ? $"the bytes of last good version {lastGoodVersion} were lost at a restart"
                 : $"'{Name}' has no last good version to return to");
         var outcome = new UpdateOutcome(Name, target.Version, rollback: true, target.Manifest.TotalBytes);
@@ -801,13 +804,29 @@ internal sealed class WeightSetLifecycle : IDisposable
         {
             if (!_stopping)
             {
-                _rollbacks.Enqueue(new Job(outcome, target, session.Id, request, dispatcher));
+                _rollbacks.Enqueue(new Job(outcome, target, session, request, dispatcher));
                 Monitor.PulseAll(_queue);
-                return null;
+                return (outcome, Abi.Status.Ok, "");
             }
         }
         target.Release();
-        return Messages.NewResponse(request, Abi.Status.Canceled, "the agent is stopping");
+        return (null, Abi.Status.Canceled, "the agent is stopping");
+    }
+
+    /// <summary>The latest outcome of <paramref name="version"/> (a publish, or a rollback to it).</summary>
+    internal UpdateOutcome? OutcomeOf(ulong version, bool rollback)
+    {
+        lock (_history)
+            return _outcomes.LastOrDefault(o => o.Version == version && o.IsRollback == rollback);
+    }
+
+    internal ulong LastGoodVersion
+    {
+        get
+        {
+            lock (_refs)
+                return _lastGoodVersion;
+        }
     }
 
     /// <summary>
@@ -856,7 +875,7 @@ internal sealed class WeightSetLifecycle : IDisposable
             Job job;
             lock (_queue)
             {
-                while (!_stopping && _pending is null && _rollbacks.Count == 0)
+                while (!_stopping && (_pending is null || _paused) && _rollbacks.Count == 0)
                     Monitor.Wait(_queue);
                 if (_stopping)
                     return;
@@ -904,6 +923,8 @@ internal sealed class WeightSetLifecycle : IDisposable
             ulong current = ActiveState;
             int slot = current == 0 ? 0 : 1 - VersionEntry.UnpackState(current).Slot;
             prepared = PrepareActivation(source, slot, outcome.IsRollback);
+            outcome.Phase = "verifying";
+            outcome.Progress = 0.05;
             var clock = Stopwatch.StartNew();
             List<string> bad = Mismatches(source.Buffer.Buffer, source.Layout, source.Manifest);
             outcome.Verify += clock.Elapsed;
@@ -911,10 +932,14 @@ internal sealed class WeightSetLifecycle : IDisposable
                 throw new UpdateException(Abi.Status.Corrupt, $"the staged bytes of tensor '{bad[0]}'{(bad.Count > 1 ? $" (and {bad.Count - 1} more)" : "")} do not match the digest taken from the publisher's; not activated", UpdateResult.Failed);
 
             var done = new HashSet<ConsumerRegistration>();
+            if (!outcome.IsRollback && current != 0 && _manager.Options.PolicyFor(Name).Canary is { } canary && RunCanary(job, source, slot, canary) is { } canaries)
+                done.UnionWith(canaries); // they hold it already
+            outcome.Phase = "staging";
             while (true)
             {
                 StopCheck();
                 var todo = Consumers.Where(c => c.Mode == ConsumerMode.Flip && !done.Contains(c)).ToList();
+                outcome.Progress = 0.1 + 0.85 * done.Count / Math.Max(1, done.Count + todo.Count);
                 if (todo.Count == 0)
                 {
                     lock (_membership)
@@ -922,6 +947,7 @@ internal sealed class WeightSetLifecycle : IDisposable
                         if (Consumers.Any(c => c.Mode == ConsumerMode.Flip && !done.Contains(c)))
                             continue; // one joined meanwhile: it needs the version too
                         StopCheck();
+                        outcome.Phase = "activating";
                         Activate(job, slot, prepared);
                         activated = true;
                         return;
@@ -952,6 +978,7 @@ internal sealed class WeightSetLifecycle : IDisposable
         {
             if (!activated)
             {
+                EndCanary(); // canaries go back to the active version, whatever ended the update
                 source.Release();
                 Discard(prepared);
             }
@@ -1229,6 +1256,7 @@ internal sealed class WeightSetLifecycle : IDisposable
             _manager.Table.Activate(Row, source.Version, slot, source.Manifest.Digest.Value, lastGoodVersion);
             _activeState = state;
             _active = source;
+            _canary = null; // the store above showed the version to all, and the table's canary words are cleared
             _lastGood = lastGood;
             _lastGoodVersion = lastGoodVersion;
             // References: the job's moves to active; the old active's to last good (publish) or away (rollback).
@@ -1356,7 +1384,9 @@ internal sealed class WeightSetLifecycle : IDisposable
         UpdateOutcome outcome = job.Outcome;
         outcome.Result = result;
         outcome.Status = status;
-        outcome.Detail = detail;
+        outcome.Detail = result == UpdateResult.Activated && outcome.Detail.Length > 0 && detail.Length == 0 ? outcome.Detail : detail;
+        outcome.Phase = result.ToString().ToLowerInvariant();
+        outcome.Progress = 1;
         if (result == UpdateResult.Superseded)
             job.Source?.Release(); // never reached the worker, whose update releases what it does not activate
         if (job.WaitFor is { } dispatcher)

@@ -25,6 +25,7 @@ class RequestKind(enum.IntEnum):
     ROLLBACK = 4
     STATUS = 5
     COPY_IN = 6
+    REPORT = 7
 
 
 class Status(enum.IntEnum):
@@ -53,7 +54,9 @@ class VersionEntry(ctypes.LittleEndianStructure):
         ("flags", ctypes.c_uint32),
         ("reserved0", ctypes.c_uint32),
         ("name", ctypes.c_char * NAME_BYTES),
-        ("reserved1", ctypes.c_uint8 * 24),
+        ("canary_lanes", ctypes.c_uint64),
+        ("canary_state", ctypes.c_uint64),
+        ("reserved1", ctypes.c_uint8 * 8),
     ]
 
 
@@ -131,7 +134,23 @@ class Gate(ctypes.LittleEndianStructure):
     ]
 
 
+REPORT_BUCKETS = 40
+
+
+class Report(ctypes.LittleEndianStructure):
+    """nccl_swap_report: a consumer's counters since its last report (a REPORT request's payload)."""
+
+    _fields_ = [
+        ("requests", ctypes.c_uint32),
+        ("errors", ctypes.c_uint32),
+        ("quality_count", ctypes.c_uint32),
+        ("quality_sum", ctypes.c_float),
+        ("latency", ctypes.c_uint16 * REPORT_BUCKETS),
+    ]
+
+
 STRUCTS = {
+    "nccl_swap_report": Report,
     "nccl_swap_version_entry": VersionEntry,
     "nccl_swap_version_table": VersionTableHeader,
     "nccl_swap_ring_header": RingHeader,

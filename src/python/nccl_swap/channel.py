@@ -81,6 +81,7 @@ class Session:
     _bell: int = -1
     row: int = -1
     state: int = 0
+    lane: int = -1
     _ids: "itertools.count" = field(default_factory=lambda: itertools.count(1))
 
     def request(self, kind: abi.RequestKind, version: int = 0, flags: int = 0) -> bytes:
@@ -209,7 +210,7 @@ def connect(role: str, weight_set: str, socket_path: str = DEFAULT_SOCKET, timeo
         sock.settimeout(None)
         table, requests, responses, bell = fds
         return Session(answer["session"], answer["role"], VersionTable(table), SharedRing(requests), SharedRing(responses), sock,
-                       bell, answer.get("row", -1), answer.get("state", 0))
+                       bell, answer.get("row", -1), answer.get("state", 0), answer.get("lane", -1))
     except BaseException:
         sock.close()
         raise

@@ -75,7 +75,7 @@ class Consumer:
     def step(self) -> bool:
         """The per-step check; True when the weights now hold a different version than before the call."""
         session = self.session
-        state = session.table.state(session.row)
+        state = session.table.target(session.row, session.lane)
         if state == self.serving or state == 0:
             return False
         return self._switch(session, state)

@@ -170,7 +170,7 @@ class GpuConsumer:
         if self._pending is not None:
             self._collect(session)
             return False
-        state = session.table.state(session.row)
+        state = session.table.target(session.row, session.lane)
         if state == self.serving or state == 0:
             return False
         if not self._lock.acquire(blocking=False):

@@ -62,6 +62,15 @@ class VersionTable:
         """The packed (version, slot) word of ``row``, read with one aligned 8-byte load."""
         return self._words[(_HEADER + row * _ENTRY) // 8]
 
+    def target(self, row: int, lane: int) -> int:
+        """The state word the consumer with ``lane`` must serve: the canary version while its lane is set, else ``state``."""
+        base = (_HEADER + row * _ENTRY) // 8
+        if lane >= 0 and (self._words[base + 13] >> lane) & 1:  # canary_lanes, at byte 104 of the entry
+            canary = self._words[base + 14]  # canary_state, at byte 112
+            if canary:
+                return canary
+        return self._words[base]
+
     def _check(self, row: int) -> None:
         if not 0 <= row < self.capacity:
             raise IndexError(f"row {row} is not in [0, {self.capacity}) of {self.path}")

@@ -16,7 +16,7 @@ HEADER = os.path.join(os.path.dirname(__file__), "..", "..", "..", "native", "in
 def native_layout():
     with open(HEADER) as f:
         text = re.sub(r"/\*.*?\*/", "", f.read(), flags=re.S)
-    structs = {m.group(1): re.findall(r"^\s*(?:u?int\d+_t|char)\s+(\w+)(?:\[[^\]]+\])?;", m.group(2), flags=re.M)
+    structs = {m.group(1): re.findall(r"^\s*(?:u?int\d+_t|char|float|double)\s+(\w+)(?:\[[^\]]+\])?;", m.group(2), flags=re.M)
                for m in re.finditer(r"typedef struct (\w+) \{(.*?)\} \1;", text, flags=re.S)}
     lines = ["#include <stdio.h>", "#include <stddef.h>", f'#include "{os.path.abspath(HEADER)}"', "int main(void) {"]
     for name, fields in structs.items():
