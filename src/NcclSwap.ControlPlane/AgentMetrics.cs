@@ -5,14 +5,14 @@ using NcclSwap.ControlPlane.Versions;
 namespace NcclSwap.ControlPlane;
 
 /// <summary>
-/// The agent's instruments (<see cref="System.Diagnostics.Metrics"/>, meter <c>NcclSwap.Agent</c>): bytes and
+/// The agent's instruments (<see cref="System.Diagnostics.Metrics"/>, meter <c>nccl_swap</c>, whose name prefixes the Prometheus series: <c>nccl_swap_updates_total</c>, …): bytes and
 /// durations of each phase of every update, its rate, outcomes by result (failures by cause), rollbacks, canary
 /// decisions, copy-in pauses, what consumers report, and, observed on each collection, the version each weight set
 /// and each consumer serves. The serve command exports them in Prometheus text format.
 /// </summary>
 public sealed class AgentMetrics : IDisposable
 {
-    public const string MeterName = "NcclSwap.Agent";
+    public const string MeterName = "nccl_swap";
 
     private readonly Meter _meter;
     private readonly Counter<long> _bytes;
@@ -28,18 +28,18 @@ public sealed class AgentMetrics : IDisposable
     public AgentMetrics(Func<IEnumerable<WeightSetStatus>> status)
     {
         _meter = new Meter(MeterName);
-        _bytes = _meter.CreateCounter<long>("nccl_swap.phase.bytes", "By", "Bytes moved by each phase of the updates (snapshot, stage, verify).");
-        _duration = _meter.CreateHistogram<double>("nccl_swap.phase.duration", "s", "How long each phase of an update took.");
-        _rate = _meter.CreateHistogram<double>("nccl_swap.phase.rate", "By/s", "Bytes per second of each phase of an update.");
-        _updates = _meter.CreateCounter<long>("nccl_swap.updates", "{update}", "Updates ended, by result: activated, failed, refused (signature), rolledback (canaries), superseded, abandoned.");
-        _rollbacks = _meter.CreateCounter<long>("nccl_swap.rollbacks", "{rollback}", "Returns to an earlier version: by an operator (last good) or from canaries.");
-        _decisions = _meter.CreateCounter<long>("nccl_swap.canary.decisions", "{decision}", "Canary rollout steps: started, promoted, rolled-back, paused, resumed; by the policy or an operator.");
-        _pause = _meter.CreateHistogram<double>("nccl_swap.activation.pause", "s", "Copy-in pauses: the copy of a version into a consumer's buffers.");
-        _requests = _meter.CreateCounter<long>("nccl_swap.consumer.requests", "{request}", "Requests consumers reported serving.");
-        _errors = _meter.CreateCounter<long>("nccl_swap.consumer.errors", "{error}", "Errors consumers reported.");
-        _meter.CreateObservableGauge("nccl_swap.active.version", () => status().Select(s =>
+        _bytes = _meter.CreateCounter<long>("phase_bytes_total", "By", "Bytes moved by each phase of the updates (snapshot, stage, verify).");
+        _duration = _meter.CreateHistogram<double>("phase_duration_seconds", "s", "How long each phase of an update took.");
+        _rate = _meter.CreateHistogram<double>("phase_rate_bytes_per_second", "By/s", "Bytes per second of each phase of an update.");
+        _updates = _meter.CreateCounter<long>("updates_total", "{update}", "Updates ended, by result: activated, failed, refused (signature), rolledback (canaries), superseded, abandoned.");
+        _rollbacks = _meter.CreateCounter<long>("rollbacks_total", "{rollback}", "Returns to an earlier version: by an operator (last good) or from canaries.");
+        _decisions = _meter.CreateCounter<long>("canary_decisions_total", "{decision}", "Canary rollout steps: started, promoted, rolled-back, paused, resumed; by the policy or an operator.");
+        _pause = _meter.CreateHistogram<double>("activation_pause_seconds", "s", "Copy-in pauses: the copy of a version into a consumer's buffers.");
+        _requests = _meter.CreateCounter<long>("consumer_requests_total", "{request}", "Requests consumers reported serving.");
+        _errors = _meter.CreateCounter<long>("consumer_errors_total", "{error}", "Errors consumers reported.");
+        _meter.CreateObservableGauge("active_version", () => status().Select(s =>
             new Measurement<long>((long)s.Active, new KeyValuePair<string, object?>("weight_set", s.Name))), "{version}", "The active version of each weight set.");
-        _meter.CreateObservableGauge("nccl_swap.consumer.version", () => status().SelectMany(s => s.Consumers.Select(c =>
+        _meter.CreateObservableGauge("consumer_version", () => status().SelectMany(s => s.Consumers.Select(c =>
             new Measurement<long>((long)c.Serving, new("weight_set", s.Name), new("session", c.Session), new("pid", c.Peer.Pid), new("mode", c.Mode), new("canary", c.Canary)))),
             "{version}", "The version each consumer serves.");
     }

@@ -17,6 +17,7 @@ public sealed class AgentService(AgentSettings settings, ISystemdNotifier notifi
 {
     private AgentCore? _agent;
     private IBackend? _backend;
+    private MetricsEndpoint? _metrics;
 
     protected override async Task ExecuteAsync(CancellationToken stopping)
     {
@@ -24,6 +25,11 @@ public sealed class AgentService(AgentSettings settings, ISystemdNotifier notifi
         {
             _backend = Backend.Create(settings.Backend);
             _agent = AgentCore.Start(settings.Options, _backend, log);
+            if (settings.MetricsPort > 0)
+            {
+                _metrics = new MetricsEndpoint(settings.MetricsPort);
+                log.LogInformation("metrics at http://127.0.0.1:{Port}/metrics", settings.MetricsPort);
+            }
         }
         catch (Exception e)
         {
@@ -78,6 +84,7 @@ public sealed class AgentService(AgentSettings settings, ISystemdNotifier notifi
     {
         notifier.Notify(ServiceState.Stopping);
         await base.StopAsync(cancellationToken);
+        _metrics?.Dispose();
         if (_agent is not null)
             await _agent.DisposeAsync();
         _backend?.Dispose();
