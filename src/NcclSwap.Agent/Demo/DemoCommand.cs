@@ -66,7 +66,10 @@ internal static class DemoCommand
         RegionLayout layout = model.Layout();
         var roles = new RolePolicy();
         roles.Users[PeerIdentity.OfThisProcess().Uid] = Role.Publisher | Role.Consumer | Role.Operator;
-        var options = new AgentOptions(socketPath, folder, staging, 8, roles, UpdatePolicy.Queue, TimeSpan.FromSeconds(30));
+        // The canary act turns a canary policy on for the weight set (the acts before it activate on every consumer at once).
+        var policies = new System.Collections.Concurrent.ConcurrentDictionary<string, WeightSetPolicy>();
+        var options = new AgentOptions(socketPath, folder, staging, 8, roles, UpdatePolicy.Queue, TimeSpan.FromSeconds(30)) { WeightSets = policies };
+        ulong bad = (ulong)versions + 1, good = (ulong)versions + 2;
 
         using var log = new FileLog(Path.Combine(folder, "agent.log"));
         IBackend backend;
@@ -92,8 +95,9 @@ internal static class DemoCommand
             output.WriteLine();
             try
             {
-                Peer a = Peer.Start("consumer", socketPath, model, "flip", peers);
-                Peer b = Peer.Start("consumer", socketPath, model, "copy-in", peers);
+                // The engines report their requests every few steps; on version `bad` every fifth of theirs fails.
+                Peer a = Peer.Start("consumer", socketPath, model, $"flip,bad={bad}", peers);
+                Peer b = Peer.Start("consumer", socketPath, model, $"copy-in,bad={bad}", peers);
                 Peer publisher = Peer.Start("publisher", socketPath, model, $"{versions}", peers);
                 output.WriteLine($"{"version",-18} {"bytes",9} {"snapshot",10} {"stage",10} {"verify",10} {"activate",10}   {"pause A (flip)",15} {"pause B (copy-in)",18}   outcome");
                 var rows = new List<UpdateOutcome>();
@@ -107,9 +111,24 @@ internal static class DemoCommand
                         throw new DemoException($"rollback: {Status.Name(rollback.Status)}: {ChannelClient.Detail(rollback)}");
                 }
                 rows.Add(Row(Next(outcomes, publisher), a, b, output));
+
+                // Canary act: half the consumers (A) take each new version first; the policy compares what A reports
+                // with what B reports on the version before. Version `bad` makes A's requests fail: rolled back
+                // from A alone. Version `good` is healthy: promoted to both.
+                policies[WeightSet] = new WeightSetPolicy { Canary = new CanaryPolicy(0.5, TimeSpan.FromSeconds(1), 200, 0.05, 2.0, null, TimeSpan.FromSeconds(60)) };
+                output.WriteLine($"canary act: versions {bad} (its requests fail on the canary) and {good}, each first on consumer A, then promoted to B or rolled back");
+                publisher.WaitForExit(TimeSpan.FromMinutes(1));
+                publisher = Peer.Start("publisher", socketPath, model, $"{bad}:{good}", peers);
+                rows.Add(Row(Next(outcomes, publisher), a, b, output));
+                rows.Add(Row(Next(outcomes, publisher), a, b, output));
                 output.WriteLine();
 
                 exit = Verify(rows, a, b, publisher, output);
+                if (rows[^2].Result != UpdateResult.RolledBack || rows[^1].Result != UpdateResult.Activated)
+                {
+                    output.WriteLine($"FAILED: the canary act should roll version {bad} back and promote version {good}");
+                    exit = 1;
+                }
                 output.WriteLine();
                 output.WriteLine(exit == 0
                     ? "every version the consumers served was verified by the agent before activation, and no read was torn"
@@ -167,7 +186,8 @@ internal static class DemoCommand
     /// <summary>Stops the consumers and checks their reports: nothing torn, and every version served was activated.</summary>
     private static int Verify(List<UpdateOutcome> rows, Peer a, Peer b, Peer publisher, TextWriter output)
     {
-        var activated = rows.Where(r => r.Result == UpdateResult.Activated).Select(r => r.Version).ToHashSet();
+        // Rolled-back versions were verified too before their canaries saw them.
+        var activated = rows.Where(r => r.Result is UpdateResult.Activated or UpdateResult.RolledBack).Select(r => r.Version).ToHashSet();
         int exit = 0;
         publisher.WaitForExit(TimeSpan.FromMinutes(1));
         foreach ((string name, Peer peer) in new[] { ("A (flip)", a), ("B (copy-in)", b) })

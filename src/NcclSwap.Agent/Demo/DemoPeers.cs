@@ -33,8 +33,8 @@ internal static class DemoPeers
                 : SyntheticModel.Parse(text).Layout();
             return result.GetValue(role) switch
             {
-                "publisher" => Publish(result.GetValue(socket)!, result.GetValue(weightSet)!, parsed, ulong.Parse(result.GetValue(extra)!, CultureInfo.InvariantCulture), output),
-                "consumer" => Consume(result.GetValue(socket)!, result.GetValue(weightSet)!, parsed, result.GetValue(extra) == "flip" ? ConsumerMode.Flip : ConsumerMode.CopyIn, output),
+                "publisher" => Publish(result.GetValue(socket)!, result.GetValue(weightSet)!, parsed, result.GetValue(extra)!, output),
+                "consumer" => Consume(result.GetValue(socket)!, result.GetValue(weightSet)!, parsed, result.GetValue(extra)!, output),
                 var other => throw new ArgumentException($"unknown demo role '{other}'"),
             };
         });
@@ -42,11 +42,13 @@ internal static class DemoPeers
     }
 
     /// <summary>Writes versions 1..N of the model and publishes each, waiting for its outcome; prints "published V STATUS DETAIL".</summary>
-    private static int Publish(string socket, string weightSet, RegionLayout layout, ulong versions, TextWriter output)
+    private static int Publish(string socket, string weightSet, RegionLayout layout, string versions, TextWriter output)
     {
+        string[] range = versions.Split(':'); // N (1..N) or FIRST:LAST
+        ulong first = range.Length == 2 ? ulong.Parse(range[0], CultureInfo.InvariantCulture) : 1, last = ulong.Parse(range[^1], CultureInfo.InvariantCulture);
         using PublisherClient publisher = PublisherClient.Connect(socket, weightSet, layout);
         output.WriteLine("ready");
-        for (ulong version = 1; version <= versions; version++)
+        for (ulong version = first; version <= last; version++)
         {
             SyntheticModel.Fill(version, layout, publisher.Tensors.Pointer); // the "training step"
             PublishResult result = publisher.Publish(version, wait: true, TimeSpan.FromMinutes(5));
@@ -62,8 +64,17 @@ internal static class DemoPeers
     /// "switch V SLOT PAUSE_US" per switch, "torn V" per read that was not exactly version V, and a summary when
     /// stdin says "stop". Exits 3 if any read was torn.
     /// </summary>
-    private static int Consume(string socket, string weightSet, RegionLayout layout, ConsumerMode mode, TextWriter output)
+    /// <remarks>
+    /// <paramref name="how"/>: <c>flip</c> or <c>copy-in</c>, then optionally <c>,bad=V</c>: every 50 steps it reports
+    /// what it served (a request per step, its latency the step's, and on version V one request in five failed).
+    /// </remarks>
+    private static int Consume(string socket, string weightSet, RegionLayout layout, string how, TextWriter output)
     {
+        string[] parts = how.Split(',');
+        ConsumerMode mode = parts[0] == "flip" ? ConsumerMode.Flip : ConsumerMode.CopyIn;
+        ulong bad = parts.Skip(1).FirstOrDefault(p => p.StartsWith("bad=", StringComparison.Ordinal)) is { } b ? ulong.Parse(b[4..], CultureInfo.InvariantCulture) : 0;
+        var counters = new ServingCounters();
+        var step = Stopwatch.StartNew();
         using ConsumerClient consumer = ConsumerClient.Connect(socket, weightSet, layout, mode);
         var stop = new ManualResetEventSlim();
         new Thread(() => { while (Console.ReadLine() is { } line && line != "stop") { } stop.Set(); }) { IsBackground = true }.Start();
@@ -92,6 +103,13 @@ internal static class DemoPeers
                 }
             }
             Thread.Sleep(1);
+            if (version != 0)
+            {
+                counters.Served(step.Elapsed.TotalMilliseconds, error: version == bad && reads % 5 == 0);
+                step.Restart();
+                if (counters.Requests >= 50)
+                    consumer.Report(counters);
+            }
         }
         output.WriteLine($"summary reads={reads} torn={torn} served={string.Join(',', served)} seconds={clock.Elapsed.TotalSeconds:0.0}");
         return torn == 0 ? 0 : 3;
