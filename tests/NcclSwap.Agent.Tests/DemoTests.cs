@@ -30,17 +30,21 @@ public sealed partial class DemoTests : IDisposable
         for (int version = 1; version <= 5; version++)
             Assert.Matches(new Regex($@"^{version} +0\.2 MB .* activated\s*$", RegexOptions.Multiline), text);
         Assert.Matches(new Regex(@"^rollback to 4 .* activated\s*$", RegexOptions.Multiline), text);
-        Assert.Matches(new Regex(@"^consumer A \(flip\): served versions 1 → 2 → 3 → 4 → 5 → 4; \d+ reads of all its weights, 0 torn; exit 0", RegexOptions.Multiline), text);
-        Assert.Matches(new Regex(@"^consumer B \(copy-in\): served versions [\d →]+ → 4; \d+ reads of all its weights, 0 torn; exit 0", RegexOptions.Multiline), text);
+        // The canary act: 6 fails on its canary (A) and is rolled back from A alone; 7 is promoted to both.
+        Assert.Matches(new Regex(@"^6 +0\.2 MB .* rolledback \(rolled back from its canaries: error rate [\d.]+ above 0\.05", RegexOptions.Multiline), text);
+        Assert.Matches(new Regex(@"^7 +0\.2 MB .* activated \(promoted from 1 canaries: healthy", RegexOptions.Multiline), text);
+        Assert.Matches(new Regex(@"^consumer A \(flip\): served versions 1 → 2 → 3 → 4 → 5 → 4 → 6 → 4 → 7; \d+ reads of all its weights, 0 torn; exit 0", RegexOptions.Multiline), text);
+        Assert.Matches(new Regex(@"^consumer B \(copy-in\): served versions [\d →]+ → 4 → 7; \d+ reads of all its weights, 0 torn; exit 0", RegexOptions.Multiline), text);
+        Assert.DoesNotMatch(new Regex(@"^consumer B .*→ 6", RegexOptions.Multiline), text);
         Assert.Contains("no read was torn", text);
         Assert.Contains($"state and log kept in {state}", text);
 
         // What the demo leaves: the agent's persisted state (rolled back to 4, nothing to roll back to) and its log.
         var saved = new NcclSwap.ControlPlane.State.StateStore(Path.Combine(state, "state.json")).Load();
         var set = Assert.Single(saved.WeightSets);
-        Assert.Equal(4UL, set.Active!.Version);
-        Assert.Equal(0UL, set.LastGood);
-        Assert.Equal(5UL, set.HighestPublished);
+        Assert.Equal(7UL, set.Active!.Version);
+        Assert.Equal(4UL, set.LastGood);
+        Assert.Equal(7UL, set.HighestPublished);
         Assert.Contains("llama-demo rollback to version 4: activated", File.ReadAllText(Path.Combine(state, "agent.log")));
     }
 
