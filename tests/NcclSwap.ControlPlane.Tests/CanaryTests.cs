@@ -22,17 +22,6 @@ public sealed class CanaryTests
         WeightSets = new Dictionary<string, WeightSetPolicy> { ["llama"] = new() { Canary = Policy } },
     });
 
-    private static void AssertHolds(ConsumerClient consumer, ulong version)
-    {
-        Assert.Equal(version, consumer.Version);
-        foreach (TensorPlacement tensor in consumer.Layout.Tensors)
-        {
-            byte[] expected = new byte[tensor.Bytes];
-            SyntheticModel.Fill(version, tensor.Name, expected);
-            Assert.True(consumer.Weights.Tensor(tensor.Name).SequenceEqual(expected), $"tensor '{tensor.Name}' of the {consumer.Mode} consumer is not version {version}'s");
-        }
-    }
-
     /// <summary>Each consumer steps and reports a batch of requests, as an engine between steps, until <paramref name="done"/>.</summary>
     private static void Serve(TestAgent agent, ConsumerClient[] consumers, Func<ConsumerClient, (double Ms, bool Error)> request, Func<bool> done, string what)
     {
@@ -64,30 +53,26 @@ public sealed class CanaryTests
         using var copyD = ConsumerClient.Connect(agent.SocketPath, "llama", layout, ConsumerMode.CopyIn);
         ConsumerClient[] all = [flipA, copyB, flipC, copyD];
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", layout);
-        void Publish(ulong version)
-        {
-            SyntheticModel.Fill(version, publisher.Tensors.Layout, publisher.Tensors.Pointer);
-            Assert.True(publisher.Publish(version).Ok);
-        }
+        void Publish(ulong version) => Assert.True(Served.Publish(publisher, version, wait: false).Ok);
 
         // Version 1: the first version goes to all (there is nothing to compare a canary with).
         Publish(1);
         Assert.Equal(UpdateResult.Activated, agent.WaitForOutcome("llama", 1).Result);
         foreach (ConsumerClient c in all)
-            agent.WaitFor(() => { c.Step(); return c.Version == 1; }, TimeSpan.FromSeconds(30), "every consumer on version 1");
+            Served.StepUntil(agent, c, 1);
 
         // Version 2: half the consumers (lanes 0 and 1: A and B) take it first; they report errors.
         Publish(2);
         agent.WaitFor(() => agent.Outcome("llama", 2)?.Result == UpdateResult.Canary, TimeSpan.FromSeconds(30), "version 2 on its canaries");
         ConsumerClient[] canaries = [flipA, copyB], others = [flipC, copyD];
         foreach (ConsumerClient c in canaries)
-            agent.WaitFor(() => { c.Step(); return c.Version == 2; }, TimeSpan.FromSeconds(30), $"canary {c.Mode} on version 2");
+            Served.StepUntil(agent, c, 2);
         foreach (ConsumerClient c in canaries)
-            AssertHolds(c, 2);
+            Served.AssertHolds(c, 2);
         foreach (ConsumerClient c in others)
         {
             c.Step();
-            AssertHolds(c, 1); // the others never see it
+            Served.AssertHolds(c, 1); // the others never see it
         }
         Assert.Equal(1UL, VersionEntry.UnpackState(agent.Core!.Table.ReadState(0)).Version);
         var random = new Random(7);
@@ -98,9 +83,9 @@ public sealed class CanaryTests
         Assert.Contains("error rate", rolledBack.Detail);
         // Every consumer is back on version 1, byte for byte; the active version never changed.
         foreach (ConsumerClient c in all)
-            agent.WaitFor(() => { c.Step(); return c.Version == 1; }, TimeSpan.FromSeconds(30), $"{c.Mode} consumer back on version 1");
+            Served.StepUntil(agent, c, 1);
         foreach (ConsumerClient c in all)
-            AssertHolds(c, 1);
+            Served.AssertHolds(c, 1);
         Assert.Equal(1UL, VersionEntry.UnpackState(agent.Core.Table.ReadState(0)).Version);
 
         // Version 3: healthy canaries (same latency as the others, no errors) are promoted to every consumer.
@@ -109,9 +94,9 @@ public sealed class CanaryTests
         Serve(agent, all, _ => (5 + random.NextDouble() * 5, false), () => agent.Outcome("llama", 3)!.IsFinal, "the policy's decision on version 3");
         Assert.Equal(UpdateResult.Activated, agent.Outcome("llama", 3)!.Result);
         foreach (ConsumerClient c in all)
-            agent.WaitFor(() => { c.Step(); return c.Version == 3; }, TimeSpan.FromSeconds(30), $"{c.Mode} consumer on version 3");
+            Served.StepUntil(agent, c, 3);
         foreach (ConsumerClient c in all)
-            AssertHolds(c, 3);
+            Served.AssertHolds(c, 3);
         Assert.Equal(1UL, agent.Core.Table.ReadEntry(0).LastGood);
 
         // The audit log holds both decisions with the figures behind them.
@@ -131,11 +116,7 @@ public sealed class CanaryTests
         using var a = ConsumerClient.Connect(agent.SocketPath, "llama", layout, ConsumerMode.Flip);
         using var b = ConsumerClient.Connect(agent.SocketPath, "llama", layout, ConsumerMode.Flip);
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", layout);
-        void Publish(ulong version)
-        {
-            SyntheticModel.Fill(version, publisher.Tensors.Layout, publisher.Tensors.Pointer);
-            Assert.True(publisher.Publish(version).Ok);
-        }
+        void Publish(ulong version) => Assert.True(Served.Publish(publisher, version, wait: false).Ok);
         Publish(1);
         agent.WaitForOutcome("llama", 1);
         Publish(2);
@@ -153,7 +134,7 @@ public sealed class CanaryTests
         Assert.True(reply.Ok, reply.Message);
         Assert.Equal(UpdateResult.Activated, agent.Outcome("llama", 3)!.Result);
         foreach (ConsumerClient c in new[] { a, b })
-            agent.WaitFor(() => { c.Step(); return c.Version == 3; }, TimeSpan.FromSeconds(30), "both on version 3");
+            Served.StepUntil(agent, c, 3);
         Assert.Contains("by the operator", agent.Outcome("llama", 3)!.Detail);
         Assert.False(versions.Run(PeerIdentity.OfThisProcess(), "llama", hello.RootElement).Ok); // nothing to promote now
     }

@@ -83,28 +83,6 @@ public sealed partial class LifecycleTests
         return true;
     }
 
-    /// <summary>Steps <paramref name="consumer"/> until it serves <paramref name="version"/>, as an engine would between steps.</summary>
-    private static void StepUntil(TestAgent agent, ConsumerClient consumer, ulong version) =>
-        agent.WaitFor(() => { consumer.Step(); return consumer.Version == version; }, TimeSpan.FromSeconds(30), $"a {consumer.Mode} consumer serving version {version} (it serves {consumer.Version}, {consumer.LastError})");
-
-    /// <summary>The consumer's weights, byte for byte, against what version <paramref name="version"/> holds.</summary>
-    private static void AssertHolds(ConsumerClient consumer, ulong version)
-    {
-        Assert.Equal(version, consumer.Version);
-        foreach (TensorPlacement tensor in consumer.Layout.Tensors)
-        {
-            byte[] expected = new byte[tensor.Bytes];
-            SyntheticModel.Fill(version, tensor.Name, expected);
-            Assert.True(consumer.Weights.Tensor(tensor.Name).SequenceEqual(expected), $"tensor '{tensor.Name}' of the {consumer.Mode} consumer is not version {version}'s");
-        }
-    }
-
-    private static PublishResult Publish(PublisherClient publisher, ulong version)
-    {
-        SyntheticModel.Fill(version, publisher.Tensors.Layout, publisher.Tensors.Pointer);
-        return publisher.Publish(version, wait: true);
-    }
-
     [Fact]
     public async Task An_agent_whose_staging_files_cannot_be_mapped_says_so_at_start_and_activates_nothing_until_they_can()
     {
@@ -116,7 +94,7 @@ public sealed partial class LifecycleTests
         using var copyIn = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
 
-        PublishResult refused = Publish(publisher, 1);
+        PublishResult refused = Served.Publish(publisher, 1);
         Assert.False(refused.Ok, $"{refused}");
         Assert.Contains("CUDA_ERROR_INVALID_VALUE", refused.Detail);
         copyIn.Step();
@@ -124,9 +102,9 @@ public sealed partial class LifecycleTests
         Assert.Equal(0UL, agent.Core!.Table.ReadEntry(0).LastGood);
 
         agent.Backend!.RefuseMapHost(null); // the directory fixed: the next version goes through
-        Assert.True(Publish(publisher, 2).Ok);
-        StepUntil(agent, copyIn, 2);
-        AssertHolds(copyIn, 2);
+        Assert.True(Served.Publish(publisher, 2).Ok);
+        Served.StepUntil(agent, copyIn, 2);
+        Served.AssertHolds(copyIn, 2);
     }
 
     [Fact]
@@ -140,22 +118,22 @@ public sealed partial class LifecycleTests
         using var operatorClient = ChannelClient.Connect(agent.SocketPath, Role.Operator, "llama");
 
         Assert.Contains("no last good version", ChannelClient.Detail(operatorClient.Call(operatorClient.NewRequest(RequestKind.Rollback), TimeSpan.FromSeconds(10))));
-        Assert.True(Publish(publisher, 1).Ok);
-        StepUntil(agent, flip, 1);
-        Assert.True(Publish(publisher, 2).Ok);
-        StepUntil(agent, flip, 2);
-        StepUntil(agent, copyIn, 2);
-        AssertHolds(flip, 2);
-        AssertHolds(copyIn, 2);
+        Assert.True(Served.Publish(publisher, 1).Ok);
+        Served.StepUntil(agent, flip, 1);
+        Assert.True(Served.Publish(publisher, 2).Ok);
+        Served.StepUntil(agent, flip, 2);
+        Served.StepUntil(agent, copyIn, 2);
+        Served.AssertHolds(flip, 2);
+        Served.AssertHolds(copyIn, 2);
         Assert.Equal(1UL, agent.Core!.Table.ReadEntry(0).LastGood);
 
         Response rollback = operatorClient.Call(operatorClient.NewRequest(RequestKind.Rollback), TimeSpan.FromSeconds(30));
         Assert.Equal(Status.Ok, rollback.Status);
         Assert.Equal(VersionEntry.PackState(1, 0), rollback.Version); // version 1 again, in the slot version 2 did not use
-        StepUntil(agent, flip, 1);
-        StepUntil(agent, copyIn, 1);
-        AssertHolds(flip, 1);
-        AssertHolds(copyIn, 1);
+        Served.StepUntil(agent, flip, 1);
+        Served.StepUntil(agent, copyIn, 1);
+        Served.AssertHolds(flip, 1);
+        Served.AssertHolds(copyIn, 1);
         Assert.Equal(0UL, agent.Core.Table.ReadEntry(0).LastGood);
         UpdateOutcome outcome = agent.WaitForOutcome("llama", 1, rollback: true);
         Assert.Equal(UpdateResult.Activated, outcome.Result);
@@ -164,10 +142,10 @@ public sealed partial class LifecycleTests
         Assert.Equal(Status.NotFound, again.Status);
         Assert.Contains("no last good version", ChannelClient.Detail(again));
 
-        Assert.True(Publish(publisher, 3).Ok); // publishing goes on from the highest version published
+        Assert.True(Served.Publish(publisher, 3).Ok); // publishing goes on from the highest version published
         Assert.Equal(Status.Stale, publisher.Publish(2).Status);
-        StepUntil(agent, flip, 3);
-        AssertHolds(flip, 3);
+        Served.StepUntil(agent, flip, 3);
+        Served.AssertHolds(flip, 3);
         reader.WaitForLine("switch 3 ", TimeSpan.FromSeconds(30));
         string summary = Stop(reader);
         Assert.Contains("torn=0", summary);
@@ -186,16 +164,16 @@ public sealed partial class LifecycleTests
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
         string[] Manifests() => Directory.GetFiles(agent.StagingDirectory, "*.manifest");
 
-        Assert.True(Publish(publisher, 1).Ok);
-        StepUntil(agent, flip, 1);
+        Assert.True(Served.Publish(publisher, 1).Ok);
+        Served.StepUntil(agent, flip, 1);
         Assert.Empty(Manifests()); // device staging leaves no files: the active version is in device memory only
         for (ulong version = 2; version <= 3; version++)
         {
-            Assert.True(Publish(publisher, version).Ok);
-            StepUntil(agent, flip, version);
-            StepUntil(agent, copyIn, version);
-            AssertHolds(flip, version);
-            AssertHolds(copyIn, version);
+            Assert.True(Served.Publish(publisher, version).Ok);
+            Served.StepUntil(agent, flip, version);
+            Served.StepUntil(agent, copyIn, version);
+            Served.AssertHolds(flip, version);
+            Served.AssertHolds(copyIn, version);
             agent.WaitForLog($"last good version {version - 1} moved to host memory");
             string manifest = Assert.Single(Manifests()); // the last good one's shadow, and nothing else
             Assert.Equal(version - 1, agent.Core!.Table.ReadEntry(0).LastGood);
@@ -205,18 +183,18 @@ public sealed partial class LifecycleTests
 
         using (var operatorClient = ChannelClient.Connect(agent.SocketPath, Role.Operator, "llama"))
             Assert.Equal(Status.Ok, operatorClient.Call(operatorClient.NewRequest(RequestKind.Rollback), TimeSpan.FromSeconds(30)).Status);
-        StepUntil(agent, flip, 2);
-        StepUntil(agent, copyIn, 2);
-        AssertHolds(flip, 2); // from the shadow, byte for byte
-        AssertHolds(copyIn, 2);
+        Served.StepUntil(agent, flip, 2);
+        Served.StepUntil(agent, copyIn, 2);
+        Served.AssertHolds(flip, 2); // from the shadow, byte for byte
+        Served.AssertHolds(copyIn, 2);
 
         // The active version is now the shadow's file, so a restart finds it, and a new consumer gets it.
         await agent.StopAsync();
         agent.Restart();
         agent.WaitForLog("recovered active version 2");
         using var late = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
-        StepUntil(agent, late, 2);
-        AssertHolds(late, 2);
+        Served.StepUntil(agent, late, 2);
+        Served.AssertHolds(late, 2);
     }
 
     private static string StatusDetail(TestAgent agent)
@@ -232,12 +210,12 @@ public sealed partial class LifecycleTests
         await using TestAgent agent = TestAgent.Start();
         using var copyIn = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
-        Assert.True(Publish(publisher, 1).Ok);
-        StepUntil(agent, copyIn, 1);
+        Assert.True(Served.Publish(publisher, 1).Ok);
+        Served.StepUntil(agent, copyIn, 1);
         ulong before = agent.Core!.Table.ReadState(0);
 
         agent.Backend!.CorruptCopiesInto("staging");
-        PublishResult spoiled = Publish(publisher, 2);
+        PublishResult spoiled = Served.Publish(publisher, 2);
         Assert.Equal(Status.Corrupt, spoiled.Status);
         Assert.Contains("staged bytes of tensor", agent.WaitForOutcome("llama", 2).Detail);
         Assert.Equal(1, agent.Backend.Corrupted);
@@ -245,11 +223,11 @@ public sealed partial class LifecycleTests
         Assert.Equal(before, agent.Core.Table.ReadState(0));
         AssertNothingWrittenAhead(agent);
         Assert.False(copyIn.Step());
-        AssertHolds(copyIn, 1);
+        Served.AssertHolds(copyIn, 1);
 
-        Assert.True(Publish(publisher, 3).Ok);
-        StepUntil(agent, copyIn, 3);
-        AssertHolds(copyIn, 3);
+        Assert.True(Served.Publish(publisher, 3).Ok);
+        Served.StepUntil(agent, copyIn, 3);
+        Served.AssertHolds(copyIn, 3);
     }
 
     [Fact]
@@ -259,9 +237,9 @@ public sealed partial class LifecycleTests
         using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
         using var copyIn = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
-        Assert.True(Publish(publisher, 1).Ok);
-        StepUntil(agent, flip, 1);
-        StepUntil(agent, copyIn, 1);
+        Assert.True(Served.Publish(publisher, 1).Ok);
+        Served.StepUntil(agent, flip, 1);
+        Served.StepUntil(agent, copyIn, 1);
         UpdateOutcome first = agent.WaitForOutcome("llama", 1);
         Assert.Equal(1, first.Consumers);
         Assert.True(first.Snapshot > TimeSpan.Zero && first.Stage > TimeSpan.Zero);
@@ -269,24 +247,24 @@ public sealed partial class LifecycleTests
         // The staged copy (made from the flip consumer's checked slot after activation) is spoiled: the flip
         // consumer serves the version from its slot, but no copy-in consumer ever gets the spoiled bytes.
         agent.Backend!.CorruptCopiesInto("staging");
-        Assert.True(Publish(publisher, 2).Ok);
-        StepUntil(agent, flip, 2);
-        AssertHolds(flip, 2);
+        Assert.True(Served.Publish(publisher, 2).Ok);
+        Served.StepUntil(agent, flip, 2);
+        Served.AssertHolds(flip, 2);
         agent.WaitForLog("the staged copy of version 2 could not be made");
         Assert.False(copyIn.Step());
-        AssertHolds(copyIn, 1);
+        Served.AssertHolds(copyIn, 1);
         Assert.Equal(1, agent.Backend.Corrupted);
         using (var operatorClient = ChannelClient.Connect(agent.SocketPath, Role.Operator, "llama"))
             Assert.Equal(Status.Ok, operatorClient.Call(operatorClient.NewRequest(RequestKind.Rollback), TimeSpan.FromSeconds(30)).Status);
-        StepUntil(agent, flip, 1); // the last good version's staged copy was good
-        StepUntil(agent, copyIn, 1);
-        AssertHolds(flip, 1);
+        Served.StepUntil(agent, flip, 1); // the last good version's staged copy was good
+        Served.StepUntil(agent, copyIn, 1);
+        Served.AssertHolds(flip, 1);
 
-        Assert.True(Publish(publisher, 3).Ok);
-        StepUntil(agent, flip, 3);
-        StepUntil(agent, copyIn, 3);
-        AssertHolds(flip, 3);
-        AssertHolds(copyIn, 3);
+        Assert.True(Served.Publish(publisher, 3).Ok);
+        Served.StepUntil(agent, flip, 3);
+        Served.StepUntil(agent, copyIn, 3);
+        Served.AssertHolds(flip, 3);
+        Served.AssertHolds(copyIn, 3);
     }
 
     [Fact]
@@ -296,20 +274,20 @@ public sealed partial class LifecycleTests
         using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
         using var copyIn = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.CopyIn);
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
-        Assert.True(Publish(publisher, 1).Ok);
-        StepUntil(agent, flip, 1);
+        Assert.True(Served.Publish(publisher, 1).Ok);
+        Served.StepUntil(agent, flip, 1);
 
         agent.Backend!.CorruptCopiesInto("slot1");
-        Assert.True(Publish(publisher, 2).Ok);
+        Assert.True(Served.Publish(publisher, 2).Ok);
         UpdateOutcome outcome = agent.WaitForOutcome("llama", 2);
         Assert.Equal(UpdateResult.Activated, outcome.Result);
         Assert.Equal(1, outcome.Resent);
-        StepUntil(agent, flip, 2);
-        AssertHolds(flip, 2);
+        Served.StepUntil(agent, flip, 2);
+        Served.AssertHolds(flip, 2);
 
         agent.Backend.CorruptCopiesInto("weights"); // the copy-in consumer's buffers
-        StepUntil(agent, copyIn, 2);
-        AssertHolds(copyIn, 2);
+        Served.StepUntil(agent, copyIn, 2);
+        Served.AssertHolds(copyIn, 2);
         Assert.Equal(2, agent.Backend.Corrupted);
         Assert.Contains(agent.Log.Lines, l => l.Contains("'weights' do not match their digests", StringComparison.Ordinal));
     }
@@ -321,12 +299,12 @@ public sealed partial class LifecycleTests
         using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
         using var other = ConsumerClient.Connect(agent.SocketPath, "llama", Layout, ConsumerMode.Flip);
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
-        Assert.True(Publish(publisher, 1).Ok);
-        StepUntil(agent, flip, 1);
-        StepUntil(agent, other, 1);
+        Assert.True(Served.Publish(publisher, 1).Ok);
+        Served.StepUntil(agent, flip, 1);
+        Served.StepUntil(agent, other, 1);
 
         agent.Backend!.CorruptCopiesInto("slot1", count: 1000);
-        PublishResult failed = Publish(publisher, 2);
+        PublishResult failed = Served.Publish(publisher, 2);
         Assert.Equal(Status.Corrupt, failed.Status);
         UpdateOutcome outcome = agent.WaitForOutcome("llama", 2);
         Assert.Equal(UpdateResult.Failed, outcome.Result);
@@ -335,15 +313,15 @@ public sealed partial class LifecycleTests
         AssertNothingWrittenAhead(agent);
         Assert.False(flip.Step());
         Assert.False(other.Step());
-        AssertHolds(flip, 1);
-        AssertHolds(other, 1);
+        Served.AssertHolds(flip, 1);
+        Served.AssertHolds(other, 1);
 
         agent.Backend.Heal();
-        Assert.True(Publish(publisher, 3).Ok);
-        StepUntil(agent, flip, 3);
-        StepUntil(agent, other, 3);
-        AssertHolds(flip, 3);
-        AssertHolds(other, 3);
+        Assert.True(Served.Publish(publisher, 3).Ok);
+        Served.StepUntil(agent, flip, 3);
+        Served.StepUntil(agent, other, 3);
+        Served.AssertHolds(flip, 3);
+        Served.AssertHolds(other, 3);
     }
 
     /// <summary>
@@ -384,14 +362,14 @@ public sealed partial class LifecycleTests
         using PeerProcess survivor = agent.Consumer("llama", Model, ConsumerMode.Flip);
         using PeerProcess victim = agent.Consumer("llama", Model, ConsumerMode.Flip);
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
-        Assert.True(Publish(publisher, 1).Ok);
+        Assert.True(Served.Publish(publisher, 1).Ok);
         survivor.WaitForLine("switch 1 ", TimeSpan.FromSeconds(30));
         victim.WaitForLine("switch 1 ", TimeSpan.FromSeconds(30));
         agent.WaitFor(() => agent.Core!.Versions.Consumers("llama").All(c => c.Serving == VersionEntry.PackState(1, 0)), TimeSpan.FromSeconds(10), "both acknowledgements of version 1");
 
         Signal(victim, "STOP"); // it serves version 1 from slot 0 and will not move on
-        Assert.True(Publish(publisher, 2).Ok); // slot 1 was free in both: no waiting
-        Task<PublishResult> third = Task.Run(() => Publish(publisher, 3)); // slot 0 again: the victim still reads it
+        Assert.True(Served.Publish(publisher, 2).Ok); // slot 1 was free in both: no waiting
+        Task<PublishResult> third = Task.Run(() => Served.Publish(publisher, 3)); // slot 0 again: the victim still reads it
         agent.WaitFor(() => agent.Outcome("llama", 3) is { Result: UpdateResult.Staging }, TimeSpan.FromSeconds(10), "the update to version 3 starting");
         await Task.Delay(500, TestContext.Current.CancellationToken);
         Assert.Equal(UpdateResult.Staging, agent.Outcome("llama", 3)!.Result); // held up by the stopped consumer
@@ -410,7 +388,7 @@ public sealed partial class LifecycleTests
         Assert.Single(agent.Core!.Versions.Consumers("llama"));
         agent.WaitFor(() => Mapped(victimSlots) == 0, TimeSpan.FromSeconds(10), "the agent unmapping the killed consumer's slots"); // its memory is let go
 
-        Assert.True(Publish(publisher, 4).Ok);
+        Assert.True(Served.Publish(publisher, 4).Ok);
         survivor.WaitForLine("switch 4 ", TimeSpan.FromSeconds(30));
         Assert.Contains("torn=0", Stop(survivor));
         Assert.Equal([1UL, 2, 3, 4], Switches(survivor));
@@ -423,13 +401,13 @@ public sealed partial class LifecycleTests
         using PeerProcess healthy = agent.Consumer("llama", Model, ConsumerMode.Flip);
         using PeerProcess stalled = agent.Consumer("llama", Model, ConsumerMode.Flip);
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
-        Assert.True(Publish(publisher, 1).Ok);
+        Assert.True(Served.Publish(publisher, 1).Ok);
         stalled.WaitForLine("switch 1 ", TimeSpan.FromSeconds(30));
         agent.WaitFor(() => agent.Core!.Versions.Consumers("llama").All(c => c.Serving != 0), TimeSpan.FromSeconds(10), "both acknowledgements of version 1");
 
         Signal(stalled, "STOP");
-        Assert.True(Publish(publisher, 2).Ok);
-        Assert.True(Publish(publisher, 3).Ok); // waits for the stalled one's acknowledgement until the deadline, then ends it
+        Assert.True(Served.Publish(publisher, 2).Ok);
+        Assert.True(Served.Publish(publisher, 3).Ok); // waits for the stalled one's acknowledgement until the deadline, then ends it
         UpdateOutcome third = agent.Outcome("llama", 3)!;
         Assert.Equal(UpdateResult.Activated, third.Result);
         Assert.Single(third.Evicted);
@@ -437,7 +415,7 @@ public sealed partial class LifecycleTests
         Assert.Contains(agent.Log.Lines, l => l.Contains("no acknowledgement", StringComparison.Ordinal));
 
         Signal(stalled, "CONT"); // it finds its session ended, keeps serving what it has, reconnects and catches up
-        Assert.True(Publish(publisher, 4).Ok);
+        Assert.True(Served.Publish(publisher, 4).Ok);
         stalled.WaitForLine("switch 4 ", TimeSpan.FromSeconds(30));
         healthy.WaitForLine("switch 4 ", TimeSpan.FromSeconds(30));
         string summary = Stop(stalled);
@@ -454,8 +432,8 @@ public sealed partial class LifecycleTests
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
         using var bare = ChannelClient.Connect(agent.SocketPath, Role.Publisher, "llama"); // these two register nothing
         using var bareConsumer = ChannelClient.Connect(agent.SocketPath, Role.Consumer, "llama");
-        Assert.True(Publish(publisher, 5).Ok);
-        StepUntil(agent, flip, 5);
+        Assert.True(Served.Publish(publisher, 5).Ok);
+        Served.StepUntil(agent, flip, 5);
         VersionTable table = agent.Core!.Table;
         ulong state = table.ReadState(0);
         int updates = agent.Core.Versions.History("llama").Count;
@@ -490,9 +468,9 @@ public sealed partial class LifecycleTests
         Assert.Equal(updates, agent.Core.Versions.History("llama").Count);
         Assert.Equal(state, agent.Core.Versions.Consumers("llama").Single().Serving);
         Assert.False(flip.Step());
-        AssertHolds(flip, 5);
-        Assert.True(Publish(publisher, 6).Ok); // the sessions still work
-        StepUntil(agent, flip, 6);
+        Served.AssertHolds(flip, 5);
+        Assert.True(Served.Publish(publisher, 6).Ok); // the sessions still work
+        Served.StepUntil(agent, flip, 6);
     }
 
     private static ChannelClient ConsumerChannel(ConsumerClient consumer) =>
@@ -503,7 +481,7 @@ public sealed partial class LifecycleTests
     {
         await using TestAgent agent = TestAgent.Start();
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
-        Assert.True(Publish(publisher, 1).Ok);
+        Assert.True(Served.Publish(publisher, 1).Ok);
         ulong state = agent.Core!.Table.ReadState(0);
 
         string Refusal(RegionLayout layout, string? mode, params WeightRegion[] regions) =>
@@ -549,7 +527,7 @@ public sealed partial class LifecycleTests
 
         Assert.Equal(state, agent.Core.Table.ReadState(0));
         Assert.Empty(agent.Core.Versions.Consumers("llama"));
-        Assert.True(Publish(publisher, 2).Ok); // the registered publisher is undisturbed
+        Assert.True(Served.Publish(publisher, 2).Ok); // the registered publisher is undisturbed
     }
 
     [Fact]
@@ -557,7 +535,7 @@ public sealed partial class LifecycleTests
     {
         await using TestAgent agent = TestAgent.Start();
         using var publisher = PublisherClient.Connect(agent.SocketPath, "llama", Layout);
-        Assert.True(Publish(publisher, 1).Ok);
+        Assert.True(Served.Publish(publisher, 1).Ok);
         ulong state = agent.Core!.Table.ReadState(0);
 
         string tensors = "[{\"name\":\"w\",\"dtype\":\"F32\",\"shape\":[16],\"offset\":0},{\"name\":\"v\",\"dtype\":\"F32\",\"shape\":[16],\"offset\":4096}]";
@@ -599,7 +577,7 @@ public sealed partial class LifecycleTests
 
         Assert.Equal(state, agent.Core.Table.ReadState(0));
         Assert.Empty(agent.Core.Versions.Consumers("llama"));
-        Assert.True(Publish(publisher, 2).Ok);
+        Assert.True(Served.Publish(publisher, 2).Ok);
     }
 
     [Fact]
@@ -673,8 +651,8 @@ public sealed partial class LifecycleTests
                 agent.WaitFor(() => agent.Outcome("llama", 3) is { Result: UpdateResult.Staging }, TimeSpan.FromSeconds(30), "version 3's update starting");
         }
         agent.WaitFor(() => { flip.Step(); return agent.Outcome("llama", 6) is { IsFinal: true }; }, TimeSpan.FromSeconds(60), "the end of version 6's update");
-        StepUntil(agent, flip, 6);
-        AssertHolds(flip, 6);
+        Served.StepUntil(agent, flip, 6);
+        Served.AssertHolds(flip, 6);
 
         lock (order)
         {
@@ -702,7 +680,7 @@ public sealed partial class LifecycleTests
             using var flip = ConsumerClient.Connect(agent.SocketPath, "llama", model.Layout(), ConsumerMode.Flip);
             SyntheticModel.Fill(1, publisher.Tensors.Layout, publisher.Tensors.Pointer);
             Assert.True(publisher.Publish(1, wait: true).Ok);
-            StepUntil(agent, flip, 1);
+            Served.StepUntil(agent, flip, 1);
             SyntheticModel.Fill(2, publisher.Tensors.Layout, publisher.Tensors.Pointer);
             Assert.True(publisher.Publish(2, wait: true).Ok);
             // The consumer does not step: version 3 must wait for it to leave slot 0, so the update is surely in flight.
@@ -719,22 +697,22 @@ public sealed partial class LifecycleTests
             Assert.Equal(0UL, abandoned.State);
             Assert.Equal(VersionEntry.PackState(2, 1), before);
             Assert.Contains(agent.Log.Lines, l => l.Contains("nccl-swap agent stopped", StringComparison.Ordinal));
-            AssertHolds(flip, 1); // it never stepped: still version 1, intact
+            Served.AssertHolds(flip, 1); // it never stepped: still version 1, intact
             Assert.False(flip.Step()); // the table shows version 2, but without a live session the consumer stays put
 
             agent.Restart();
             Assert.Equal(VersionEntry.PackState(2, 1), agent.Core!.Table.ReadState(0));
             Assert.Contains(agent.Log.Lines, l => l.Contains("recovered active version 2", StringComparison.Ordinal));
             Assert.Contains(agent.Log.Lines, l => l.Contains("recovered last good version 1", StringComparison.Ordinal));
-            StepUntil(agent, flip, 2); // it reconnects by itself, and steps on to the active version
-            AssertHolds(flip, 2);
+            Served.StepUntil(agent, flip, 2); // it reconnects by itself, and steps on to the active version
+            Served.AssertHolds(flip, 2);
             publisher.Reconnect();
             Assert.Equal(Status.Stale, publisher.Publish(2).Status);
             // The highest version published is saved with each activation: version 3 was abandoned, so it may come again.
             SyntheticModel.Fill(3, publisher.Tensors.Layout, publisher.Tensors.Pointer);
             Assert.True(publisher.Publish(3, wait: true).Ok);
-            StepUntil(agent, flip, 3);
-            AssertHolds(flip, 3);
+            Served.StepUntil(agent, flip, 3);
+            Served.AssertHolds(flip, 3);
         }
         finally
         {

@@ -21,13 +21,8 @@ public sealed class SigningTests
 
     private static void AssertServes(TestAgent agent, ConsumerClient consumer, ulong version)
     {
-        agent.WaitFor(() => { consumer.Step(); return consumer.Version == version; }, TimeSpan.FromSeconds(30), $"the consumer serving version {version} (it serves {consumer.Version})");
-        foreach (TensorPlacement tensor in consumer.Layout.Tensors)
-        {
-            byte[] expected = new byte[tensor.Bytes];
-            SyntheticModel.Fill(version, tensor.Name, expected);
-            Assert.True(consumer.Weights.Tensor(tensor.Name).SequenceEqual(expected), $"tensor '{tensor.Name}' is not version {version}'s");
-        }
+        Served.StepUntil(agent, consumer, version);
+        Served.AssertHolds(consumer, version);
     }
 
     [Fact]

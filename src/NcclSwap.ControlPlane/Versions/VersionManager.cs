@@ -103,22 +103,8 @@ public sealed partial class VersionManager : ISessionHost, IRequestHandler, IDis
     /// <summary>Raised at every rollout step (a canary began, was promoted or rolled back; a pause), on the thread that took it.</summary>
     public event Action<RolloutDecision>? Rollout;
 
-    internal void ReportRollout(RolloutDecision decision)
-    {
-        if (Rollout is not { } listeners)
-            return;
-        foreach (Action<RolloutDecision> listener in listeners.GetInvocationList().Cast<Action<RolloutDecision>>())
-        {
-            try
-            {
-                listener(decision);
-            }
-            catch (Exception e)
-            {
-                Log.LogError(e, "a listener of rollout decisions failed on {Set} version {Version}", decision.WeightSet, decision.Version);
-            }
-        }
-    }
+    internal void ReportRollout(RolloutDecision decision) =>
+        Tell(Rollout, decision, "rollout decisions", decision.WeightSet, decision.Version);
 
     /// <summary>Every weight set as an operator's status shows it, in table order.</summary>
     public IReadOnlyList<WeightSetStatus> Statuses() => _sets.Values.OrderBy(s => s.Row).Select(s => s.Status()).ToList();
@@ -243,20 +229,22 @@ public sealed partial class VersionManager : ISessionHost, IRequestHandler, IDis
 
     internal void ReportRefused(SessionInfo session, in Request request, string reason) => RequestRefused?.Invoke(session, request, reason);
 
-    /// <summary>Tells every listener, each on its own: one that fails (logged) does not keep the outcome from the others.</summary>
-    internal void Report(UpdateOutcome outcome)
+    internal void Report(UpdateOutcome outcome) => Tell(Updated, outcome, "update outcomes", outcome.WeightSet, outcome.Version);
+
+    /// <summary>Tells every listener, each on its own: one that fails (logged) does not keep the news from the others.</summary>
+    private void Tell<T>(Action<T>? listeners, T news, string what, string set, ulong version)
     {
-        if (Updated is not { } listeners)
+        if (listeners is null)
             return;
-        foreach (Action<UpdateOutcome> listener in listeners.GetInvocationList().Cast<Action<UpdateOutcome>>())
+        foreach (Action<T> listener in listeners.GetInvocationList().Cast<Action<T>>())
         {
             try
             {
-                listener(outcome);
+                listener(news);
             }
             catch (Exception e)
             {
-                Log.LogError(e, "a listener of update outcomes failed on {Set} version {Version}", outcome.WeightSet, outcome.Version);
+                Log.LogError(e, "a listener of {What} failed on {Set} version {Version}", what, set, version);
             }
         }
     }

@@ -170,7 +170,7 @@ internal sealed partial class WeightSetLifecycle
         while (true)
         {
             (CanaryCommand decision, string why, PeerIdentity? by) = Decide(run, policy);
-            outcome.Progress = Math.Min(0.99, run.Clock.Elapsed / policy.MinDuration);
+            outcome.Progress = policy.MinDuration > TimeSpan.Zero ? Math.Min(0.99, run.Clock.Elapsed / policy.MinDuration) : 0.99;
             if (decision == CanaryCommand.Promote)
             {
                 outcome.Phase = "promoting";
