@@ -368,7 +368,7 @@ internal sealed partial class WeightSetLifecycle
             queued = (_pending is null ? 0 : 1) + _rollbacks.Count;
         lock (_history)
             current = _outcomes.LastOrDefault(o => !o.IsFinal);
-        return new WeightSetStatus(Name, Row, VersionEntry.UnpackState(active).Version, _lastGoodVersion, Paused, canaryVersion, canaryFigures,
+        return new WeightSetStatus(Name, Row, VersionEntry.UnpackState(active).Version, LastGoodVersion, Paused, canaryVersion, canaryFigures,
             current is null ? null : new UpdateStatus(current.Version, current.IsRollback, current.Phase, current.Progress, current.Bytes),
             queued, Placement,
             Consumers.Select(c => new ConsumerStatus(c.Session.Id, c.Session.Peer, c.Mode == ConsumerMode.Flip ? "flip" : "copy-in",

@@ -1384,7 +1384,8 @@ internal sealed partial class WeightSetLifecycle : IDisposable
         UpdateOutcome outcome = job.Outcome;
         outcome.Result = result;
         outcome.Status = status;
-        outcome.Detail = result == UpdateResult.Activated && outcome.Detail.Length > 0 && detail.Length == 0 ? outcome.Detail : detail;
+        if (detail.Length > 0 || result != UpdateResult.Activated)
+            outcome.Detail = detail; // an activation with nothing to add keeps what its canary's promotion said
         outcome.Phase = result.ToString().ToLowerInvariant();
         outcome.Progress = 1;
         if (result == UpdateResult.Superseded)
